@@ -1,0 +1,108 @@
+"""The run directory: metrics.jsonl (a row per site per round), summary.json, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from strategies.site_strategy import SiteReply
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON via a temporary file, fsync and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(payload, out, indent=2, sort_keys=True)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def save_arrays_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Save named arrays as .npz atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    with os.fdopen(handle, "wb") as out:
+        np.savez(out, **arrays)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+class RunReport:
+    """Collects per-site rows round by round and writes the run directory."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.started = time.time()
+        self.rows: list[dict[str, Any]] = []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+        write_json_atomic(run_dir / "config.json", config)
+
+    def add_round(self, server_round: int, train: list[SiteReply], evaluated: list[SiteReply],
+                  bytes_down_train: int, bytes_down_eval: int, extra: dict[str, Any] | None = None) -> list[dict]:
+        """Merge each site's train and evaluate replies into one row; append them to metrics.jsonl."""
+        sites = sorted({r.site for r in train} | {r.site for r in evaluated})
+        by_site_train = {r.site: r for r in train}
+        by_site_eval = {r.site: r for r in evaluated}
+        rows = []
+        for site in sites:
+            t, e = by_site_train.get(site), by_site_eval.get(site)
+            row: dict[str, Any] = {"round": server_round, "site": site, **(extra or {})}
+            if t is not None:
+                row.update({
+                    "train_status": t.status, "train_reason": t.reason,
+                    "train_loss": t.metrics.get("train-loss"), "train_examples": t.metrics.get("num-examples"),
+                    "train_seconds": t.metrics.get("train-seconds"), "bytes_up": t.bytes_up,
+                    "bytes_down": bytes_down_train + (bytes_down_eval if e is not None else 0),
+                })
+                row.update({k.replace("-", "_"): v for k, v in t.metrics.items()
+                            if k not in ("train-loss", "num-examples", "train-seconds")})
+            if e is not None:
+                row.update({"accuracy": e.metrics.get("accuracy"), "eval_loss": e.metrics.get("eval-loss"),
+                            "test_examples": e.metrics.get("num-examples"),
+                            "eval_seconds": e.metrics.get("eval-seconds"), "eval_status": e.status})
+                if e.reason:
+                    row["eval_reason"] = e.reason
+            rows.append(row)
+        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, sort_keys=True) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        self.rows.extend(rows)
+        return rows
+
+    def summary(self, base_model_bytes: int | None, extra: dict[str, Any]) -> dict[str, Any]:
+        """Build and write summary.json from the rows so far plus ``extra``."""
+        last_round = max((r["round"] for r in self.rows), default=0)
+        final = [r for r in self.rows if r["round"] == last_round and r.get("accuracy") is not None]
+        updates = [r["bytes_up"] for r in self.rows if r.get("train_status") == "trained"]
+        summary = {
+            "config": self.config,
+            "rounds_completed": last_round,
+            "accuracy": float(np.mean([r["accuracy"] for r in final])) if final else None,
+            "per_site": {r["site"]: {"accuracy": r["accuracy"], "test_examples": r.get("test_examples"),
+                                     "train_examples": r.get("train_examples")} for r in final},
+            "bytes": {
+                "up_total": int(sum(r.get("bytes_up", 0) or 0 for r in self.rows)),
+                "down_total": int(sum(r.get("bytes_down", 0) or 0 for r in self.rows)),
+                "up_per_update_mean": float(np.mean(updates)) if updates else 0.0,
+                "base_model_bytes": base_model_bytes,
+                "update_fraction_of_base": (float(np.mean(updates)) / base_model_bytes
+                                            if updates and base_model_bytes else None),
+            },
+            "wall_seconds": time.time() - self.started,
+            **extra,
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
