@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make run   - create .venv if missing, run the default simulation, print where the report is
+#   make test  - create .venv if missing, run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedcl-installed
+
+.PHONY: run test test-fast venv clean
+
+venv: $(STAMP)
+
+# torch 2.14.1 + torchvision 0.29.1 is the pair that imports together here (STACK-NOTES);
+# pip takes both from the machine's local wheel cache.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m simulations.run $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not integration"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,369 @@
+"""The site's privacy ledger: every DP-SGD step it ever took, and the epsilon that history costs.
+
+One ledger per site for the whole life of the federation (all rounds, all
+tasks, all restarts). It holds exactly what an Opacus accountant holds (its
+``history`` of ``(noise_multiplier, sample_rate, steps)`` and its mechanism),
+plus the budget (``target_epsilon``, ``delta``). Epsilon is always recomputed
+from the whole history by a fresh Opacus accountant, never carried as a number.
+
+On disk it is one JSON file, written atomically (temporary file in the same
+folder, fsync, ``os.replace``, fsync of the folder) and guarded by a format
+tag, a version and a SHA-256 of its payload. A file that fails any check raises
+:class:`LedgerError`; a missing file is a fresh ledger only through
+:meth:`PrivacyLedger.load_or_create`.
+
+Opacus is imported inside the functions that need it: importing it configures
+the root logger (``opacus.utils.module_utils`` calls ``logging.basicConfig``),
+which a module that is merely imported must not do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcl.run_config import ConfigError
+
+ACCOUNTANTS = ("prv", "rdp")  # prv: tightest bound Opacus offers (its default); rdp: the classic one
+LEDGER_FORMAT = "fedcl-privacy-ledger"
+LEDGER_VERSION = 1
+MAX_WORKABLE_NOISE = 20.0  # above this the noise std is 20x the clip per step: the update is noise
+NOISE_SEARCH_CEILING = 1e6  # Opacus' own MAX_SIGMA; past it no noise level meets the budget
+
+Step = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as in Opacus' history
+
+
+class LedgerError(ValueError):
+    """A ledger file that cannot be trusted (corrupt, truncated, foreign or mismatched)."""
+
+
+class BudgetError(ConfigError):
+    """The privacy budget cannot pay for the planned training; the message names a setting that works."""
+
+
+def validate_budget(target_epsilon: float, delta: float, accountant: str = "prv") -> None:
+    """Reject a nonsense budget before any training, with the fix in the message."""
+    if not isinstance(target_epsilon, (int, float)) or not math.isfinite(target_epsilon) or target_epsilon <= 0:
+        raise ConfigError(f"config key 'target-epsilon' = {target_epsilon!r}: use a positive finite number, e.g. 8")
+    if not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
+        raise ConfigError(
+            f"config key 'delta' = {delta!r}: use a value strictly between 0 and 1, well below 1/records (e.g. 1e-5)"
+        )
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"config key 'accountant' = {accountant!r}: use one of {', '.join(ACCOUNTANTS)}")
+
+
+def validate_clip(max_grad_norm: float) -> None:
+    """Reject a clipping norm that is not a positive finite number."""
+    if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+        raise ConfigError(f"config key 'max-grad-norm' = {max_grad_norm!r}: use a positive clipping norm, e.g. 1.0")
+
+
+def _validate_step(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    if not isinstance(noise_multiplier, (int, float)) or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
+        raise ConfigError(f"noise multiplier {noise_multiplier!r}: use a finite value >= 0 (0 means no privacy)")
+    if not isinstance(sample_rate, (int, float)) or not 0.0 < sample_rate <= 1.0:
+        raise ConfigError(f"sample rate {sample_rate!r}: use batch size / records, a value in (0, 1]")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"steps {steps!r}: use a whole number >= 0")
+
+
+def compute_epsilon(history: list[Step], delta: float, accountant: str = "prv") -> float:
+    """Epsilon of a whole history of DP steps, by a fresh Opacus accountant.
+
+    0.0 for an empty history; ``math.inf`` if any step had no noise.
+    """
+    entries = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    if not entries:
+        return 0.0
+    if any(s == 0.0 for s, _, _ in entries):
+        return math.inf
+    from opacus.accountants import create_accountant
+
+    counter = create_accountant(mechanism=accountant)
+    counter.history = entries
+    return float(counter.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "prv"
+) -> float:
+    """The noise multiplier that keeps ``total_steps`` steps at ``sample_rate`` within ``target_epsilon``.
+
+    ``total_steps`` is the whole federation's plan for this site (all rounds of
+    all tasks), not one round's. Uses Opacus' ``get_noise_multiplier``, whose
+    answer is the upper end of its bisection: the epsilon it gives is at most
+    the target. Raises :class:`BudgetError` when no noise level up to
+    ``1e6`` meets the budget.
+    """
+    validate_budget(target_epsilon, delta, accountant)
+    _validate_step(1.0, sample_rate, total_steps)
+    if total_steps < 1:
+        raise ConfigError(f"total steps {total_steps!r}: plan at least one step")
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=total_steps,
+                accountant=accountant,
+            )
+        )
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        raise BudgetError(
+            f"target-epsilon = {target_epsilon} cannot cover {total_steps} steps at sample rate {sample_rate:.4g} "
+            f"with any noise multiplier up to {NOISE_SEARCH_CEILING:g} ({err}); raise target-epsilon or plan fewer steps"
+        ) from err
+
+
+def require_budget_for_one_round(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps_per_round: int,
+    accountant: str = "prv",
+    max_noise_multiplier: float = MAX_WORKABLE_NOISE,
+) -> None:
+    """Raise :class:`BudgetError` if even one round cannot be paid at a workable noise level.
+
+    A round of ``steps_per_round`` steps at ``sample_rate`` and noise multiplier
+    ``max_noise_multiplier`` (the most noise that still trains) is the cheapest
+    useful round; if it already costs more than ``target_epsilon``, the message
+    names the smallest target-epsilon that pays for it and the most local steps
+    the given budget pays for. Call it at start-up, before any training.
+    """
+    validate_budget(target_epsilon, delta, accountant)
+    _validate_step(max_noise_multiplier, sample_rate, steps_per_round)
+    if max_noise_multiplier <= 0:
+        raise ConfigError(f"max noise multiplier {max_noise_multiplier!r}: use a positive value")
+    cheapest = compute_epsilon([(max_noise_multiplier, sample_rate, steps_per_round)], delta, accountant)
+    if cheapest <= target_epsilon:
+        return
+    affordable = 0
+    while affordable < steps_per_round and compute_epsilon(
+        [(max_noise_multiplier, sample_rate, affordable + 1)], delta, accountant
+    ) <= target_epsilon:
+        affordable += 1
+    steps_hint = (
+        f", or cut local-steps to {affordable}"
+        if affordable
+        else ", or lower the sample rate (smaller batch-size or more records per site)"
+    )
+    raise BudgetError(
+        f"target-epsilon = {target_epsilon} (delta {delta:g}, {accountant}) cannot cover even one round of "
+        f"{steps_per_round} steps at sample rate {sample_rate:.4g}: even at noise multiplier "
+        f"{max_noise_multiplier:g} it costs epsilon {cheapest:.4g}; the smallest workable setting is "
+        f"target-epsilon >= {math.ceil(cheapest * 1000) / 1000:g}{steps_hint}"
+    )
+
+
+@dataclass
+class PrivacyLedger:
+    """Every DP step a site took, its budget, and the accountant that prices the history."""
+
+    target_epsilon: float
+    delta: float
+    accountant: str = "prv"
+    history: list[Step] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        validate_budget(self.target_epsilon, self.delta, self.accountant)
+        self.history = [(float(s), float(q), int(n)) for s, q, n in self.history]
+        for entry in self.history:
+            _validate_step(*entry)
+
+    @property
+    def total_steps(self) -> int:
+        """All DP steps recorded so far (monotone over the site's life)."""
+        return sum(n for _, _, n in self.history)
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Add ``steps`` DP steps taken at (``noise_multiplier``, ``sample_rate``).
+
+        Consecutive entries with the same settings merge, as in Opacus' own
+        accountants. Zero steps record nothing.
+        """
+        _validate_step(noise_multiplier, sample_rate, steps)
+        if steps == 0:
+            return
+        noise_multiplier, sample_rate = float(noise_multiplier), float(sample_rate)
+        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+            self.history[-1] = (noise_multiplier, sample_rate, self.history[-1][2] + steps)
+        else:
+            self.history.append((noise_multiplier, sample_rate, steps))
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far, recomputed from the whole history."""
+        return compute_epsilon(self.history, self.delta, self.accountant)
+
+    def epsilon_if(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Epsilon the site would have spent after ``steps`` more steps at these settings."""
+        _validate_step(noise_multiplier, sample_rate, steps)
+        return compute_epsilon([*self.history, (noise_multiplier, sample_rate, steps)], self.delta, self.accountant)
+
+    def can_afford(self, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
+        """The hard stop: True only if these steps keep the site within ``target_epsilon``."""
+        return self.epsilon_if(noise_multiplier, sample_rate, steps) <= self.target_epsilon
+
+    def noise_for_remaining(
+        self, sample_rate: float, remaining_steps: int, tolerance: float = 0.01
+    ) -> float:
+        """The smallest noise multiplier (within ``tolerance`` in epsilon) that fits the rest of the plan.
+
+        Prices the recorded history plus ``remaining_steps`` at ``sample_rate``
+        against ``target_epsilon``. Re-calibrating each round with the current
+        sample rate (it changes as tasks arrive) and the steps still planned
+        keeps the plan within budget. Raises :class:`BudgetError` if nothing fits.
+        """
+        _validate_step(1.0, sample_rate, remaining_steps)
+        if remaining_steps < 1:
+            raise ConfigError(f"remaining steps {remaining_steps!r}: plan at least one step")
+        low, high = 0.0, 1.0
+        while (spent := self.epsilon_if(high, sample_rate, remaining_steps)) > self.target_epsilon:
+            low, high = high, 2.0 * high
+            if high > NOISE_SEARCH_CEILING:
+                raise BudgetError(
+                    f"the site has spent epsilon {self.epsilon():.4g} of {self.target_epsilon}: no noise multiplier "
+                    f"fits {remaining_steps} more steps at sample rate {sample_rate:.4g}; plan fewer steps"
+                )
+        while self.target_epsilon - spent > tolerance and high - low > 1e-6:
+            middle = (low + high) / 2
+            eps_middle = self.epsilon_if(middle, sample_rate, remaining_steps)
+            if eps_middle <= self.target_epsilon:
+                high, spent = middle, eps_middle
+            else:
+                low = middle
+        return high
+
+    # --- persistence -------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The ledger as plain data (the Opacus accountant state plus the budget)."""
+        return {
+            "accountant": {"mechanism": self.accountant, "history": [list(entry) for entry in self.history]},
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the ledger atomically: temporary file in the same folder, fsync, rename, fsync the folder."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        payload = self.state_dict()
+        document = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "sha256": _digest(payload), "payload": payload}
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump(document, stream, indent=1)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        _fsync_folder(target.parent)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        target_epsilon: float | None = None,
+        delta: float | None = None,
+        accountant: str | None = None,
+    ) -> PrivacyLedger:
+        """Read a ledger; raise :class:`LedgerError` if it is missing, corrupt, truncated or mismatched.
+
+        Given ``target_epsilon``, ``delta`` or ``accountant`` (the site's
+        configuration), the file must hold the same values: a budget is fixed
+        for the life of the site.
+        """
+        source = Path(path)
+        try:
+            raw = source.read_bytes()
+        except FileNotFoundError as err:
+            raise LedgerError(
+                f"privacy ledger {source} does not exist; restore the site's state directory from its backup "
+                "(a site that lost its ledger must not train again under the same budget)"
+            ) from err
+        ledger = _parse(raw, source)
+        expected = {"target_epsilon": target_epsilon, "delta": delta, "accountant": accountant}
+        for name, want in expected.items():
+            have = getattr(ledger, name)
+            if want is not None and want != have:
+                raise LedgerError(
+                    f"privacy ledger {source} was written with {name} = {have!r}, the site is configured with "
+                    f"{want!r}; a site's budget is fixed for its life: set {name.replace('_', '-')} = {have!r}"
+                )
+        return ledger
+
+    @classmethod
+    def load_or_create(
+        cls, path: str | os.PathLike[str], *, target_epsilon: float, delta: float, accountant: str = "prv"
+    ) -> PrivacyLedger:
+        """Load the ledger at ``path``, or start an empty one only if no file exists there.
+
+        An existing file that fails any check raises :class:`LedgerError`; it is
+        never replaced by a fresh ledger. The fresh ledger is not written here:
+        call :meth:`save` after the round.
+        """
+        if not os.path.lexists(path):
+            return cls(target_epsilon=target_epsilon, delta=delta, accountant=accountant)
+        return cls.load(path, target_epsilon=target_epsilon, delta=delta, accountant=accountant)
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _parse(raw: bytes, source: Path) -> PrivacyLedger:
+    """Check and decode a ledger file's bytes."""
+    restore = "restore the site's state directory from its backup; never delete the ledger to start again"
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LedgerError(f"privacy ledger {source} is corrupt or truncated ({err}); {restore}") from err
+    if not isinstance(document, dict) or document.get("format") != LEDGER_FORMAT:
+        raise LedgerError(f"{source} is not a fedcl privacy ledger; point the site at its own state directory")
+    if document.get("version") != LEDGER_VERSION:
+        raise LedgerError(
+            f"privacy ledger {source} has version {document.get('version')!r}, this fedcl reads version "
+            f"{LEDGER_VERSION}; run the fedcl release that wrote it"
+        )
+    payload = document.get("payload")
+    if not isinstance(payload, dict) or document.get("sha256") != _digest(payload):
+        raise LedgerError(f"privacy ledger {source} fails its checksum (edited or damaged); {restore}")
+    try:
+        counter = payload["accountant"]
+        history = [(float(s), float(q), int(n)) for s, q, n in counter["history"]]
+        return PrivacyLedger(
+            target_epsilon=float(payload["target_epsilon"]),
+            delta=float(payload["delta"]),
+            accountant=str(counter["mechanism"]),
+            history=history,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise LedgerError(f"privacy ledger {source} has an invalid payload ({err}); {restore}") from err
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,176 @@
+"""Run a simulation end to end: check the config, `flwr run .`, stop the SuperLink, show the report.
+
+Usage (from the project root, what `make run` does)::
+
+    python -m simulations.run                      # the default scenario
+    python -m simulations.run --run-config "num-rounds=5 dataset='../shared/data/medquad/medquad.csv'"
+
+Every user error (an unknown key, a bad value, a missing file or column, too
+few examples, a model path that does not exist) stops the run before any
+training with one line naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedcl.model_factory import resolve_model_path
+from fedcl.run_config import ConfigError, RunConfig, parse_run_config
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def pyproject_defaults(project: Path = PROJECT) -> dict[str, Any]:
+    """The run-config defaults declared in pyproject.toml."""
+    with (project / "pyproject.toml").open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse Flower-style overrides ``"key=value key2='text'"`` (TOML values)."""
+    from flwr.common.config import parse_config_args  # Flower's own parser, same rules as `flwr run`
+
+    try:
+        return dict(parse_config_args([text])) if text.strip() else {}
+    except Exception as err:  # Flower raises plain exceptions with a usable message
+        raise ConfigError(f"--run-config {text!r}: {err}; write key=value pairs separated by spaces, quote strings") from err
+
+
+def prepare_config(overrides: dict[str, Any], cwd: Path) -> RunConfig:
+    """Merge overrides into the defaults, make paths absolute, and check everything before training."""
+    flat = {**pyproject_defaults(), **overrides}
+    config = parse_run_config(flat)
+    output_dir = Path(config.output_dir) if config.output_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    flat["output-dir"] = str((cwd / output_dir).resolve())
+    dataset = Path(config.dataset).expanduser()
+    if config.dataset != "bbc-news" and not config.dataset.startswith("hf:") and not dataset.is_absolute():
+        flat["dataset"] = str((cwd / dataset).resolve())
+    model = Path(config.model).expanduser()
+    if not config.model.startswith("package:") and (cwd / model).exists():
+        flat["model"] = str((cwd / model).resolve())
+    config = parse_run_config(flat)
+    preflight(config)
+    return config
+
+
+def preflight(config: RunConfig) -> None:
+    """Load the data and split it, resolve the model: every user error surfaces here, before training."""
+    from simulations.data_sources import load_dataset
+    from simulations.scenarios import split_sites
+
+    resolve_model_path(config.model)
+    data = load_dataset(config)
+    if len(data.label_names) < 2:
+        raise ConfigError(f"config key 'label-column' = {config.label_column!r}: only one label value; a classifier needs two or more")
+    split_sites(data.labels, data.groups, config)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def flower_environment(flwr_home: Path) -> dict[str, str]:
+    """Environment for `flwr run` on these machines (STACK-NOTES): no runtime installs, no telemetry."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_TMPDIR": str(flwr_home / "ray"),
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    (flwr_home / "ray").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def stop_local_superlink(flwr_home: Path) -> None:
+    """Stop the detached SuperLink that `flwr run` started under this FLWR_HOME."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if "flower-superlink" in cmdline and str(flwr_home) in cmdline:
+            for child in proc.children(recursive=True):
+                child.kill()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except psutil.TimeoutExpired:
+                proc.kill()
+
+
+def run_simulation(config: RunConfig, quiet: bool = False, project: Path = PROJECT) -> Path:
+    """Run the simulation with `flwr run` and return the run directory (it holds summary.json)."""
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedcl-flwr-"))
+    overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in config.to_flat().items())
+    command = [str(Path(sys.executable).parent / "flwr"), "run", str(project),
+               "--federation-config", f"num-supernodes={config.num_sites}",
+               "--run-config", overrides, "--stream"]
+    log_path = run_dir / "flower.log"
+    try:
+        with log_path.open("w", encoding="utf-8") as log:
+            proc = subprocess.Popen(command, cwd=project, env=flower_environment(flwr_home), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for line in proc.stdout or []:
+                log.write(line)
+                if not quiet and ("fedcl:" in line or "ERROR" in line or "Traceback" in line):
+                    print(line.rstrip().split("fedcl: ", 1)[-1], flush=True)
+            proc.wait()
+    finally:
+        stop_local_superlink(flwr_home)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+        raise RuntimeError(f"the simulation did not finish; see {log_path}")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-config", default="", help="overrides, e.g. \"num-rounds=5 lora-rank=4\"")
+    parser.add_argument("--quiet", action="store_true", help="print only the final report line")
+    args = parser.parse_args(argv)
+    started = time.time()
+    try:
+        config = prepare_config(parse_overrides(args.run_config), Path.cwd())
+    except ConfigError as err:
+        print(f"fedcl: error: {err}", file=sys.stderr)
+        return 2
+    print(f"fedcl: {config.num_sites} sites, {config.num_rounds} rounds, dataset {config.dataset}, "
+          f"run directory {config.output_dir}", flush=True)
+    try:
+        run_dir = run_simulation(config, quiet=args.quiet)
+    except RuntimeError as err:
+        print(f"fedcl: error: {err}", file=sys.stderr)
+        return 1
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    print(f"fedcl: done in {time.time() - started:.0f} s: final mean accuracy {summary['accuracy']:.3f}; "
+          f"report {run_dir / 'summary.json'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
