@@ -106,7 +106,9 @@ def load_adapter_model(config: RunConfig, num_labels: int) -> AdapterModel:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=True  # a new head, whatever the checkpoint had
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise ConfigError(f"config key 'model' = {config.model!r}: cannot load it ({err}); check the path or id") from err

@@ -1,0 +1,45 @@
+"""User errors stop the run before training with one clear line and no traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulations.run import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ("lora-rank=0", "'lora-rank' = 0"),
+        ("num-rounds=-2", "'num-rounds' = -2"),
+        ("no-such-key=1", "'no-such-key' = 1: unknown key"),
+        ("dataset='missing.csv'", "no such file"),
+        ("model='./models/absent'", "'model' = "),
+        ("num-sites=5000", "'num-sites' = 5000"),
+    ],
+)
+def test_config_errors_print_one_line(overrides, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--run-config", overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedcl: error: ") and expected in err
+    assert len(err.splitlines()) == 1
+
+
+def test_absent_label_column_is_named(capsys, tmp_path, monkeypatch):
+    (tmp_path / "d.csv").write_text("text,kind\nhello,a\nworld,b\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--run-config", "dataset='d.csv' label-column='qtype'"]) == 2
+    assert "'label-column' = 'qtype': no such column" in capsys.readouterr().err
+
+
+def test_no_traceback_from_the_command_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "simulations.run", "--run-config", "lora-rank=0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "fedcl: error: config key 'lora-rank' = 0" in done.stderr
