@@ -1,0 +1,239 @@
+"""The privacy ledger: accounting from the whole history, durable atomic files, budget checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client import privacy_ledger
+from client.privacy_ledger import (
+    BudgetError,
+    LedgerError,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    require_budget_for_one_round,
+    validate_budget,
+    validate_clip,
+)
+from fedcl.run_config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SIGMA, RATE = 1.1, 0.05  # a typical DP-SGD step: noise multiplier ~1, batch 32 of ~600 records
+
+
+def _saved_ledger(tmp_path: Path) -> Path:
+    ledger = PrivacyLedger(target_epsilon=8.0, delta=1e-5)
+    ledger.record(SIGMA, RATE, 20)
+    ledger.record(SIGMA, 0.04, 10)
+    path = tmp_path / "state" / "privacy_ledger.json"
+    ledger.save(path)
+    return path
+
+
+def _edited(raw: bytes) -> bytes:
+    document = json.loads(raw)
+    document["payload"]["accountant"]["history"][0][2] = 2
+    return json.dumps(document).encode()
+
+
+def test_round_trip_keeps_history_budget_and_epsilon(tmp_path: Path) -> None:
+    path = _saved_ledger(tmp_path)
+    loaded = PrivacyLedger.load(path)
+    assert loaded.history == [(SIGMA, RATE, 20), (SIGMA, 0.04, 10)]
+    assert (loaded.target_epsilon, loaded.delta, loaded.accountant) == (8.0, 1e-5, "prv")
+    assert loaded.total_steps == 30
+    assert loaded.epsilon() == pytest.approx(compute_epsilon(loaded.history, 1e-5, "prv"))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_record_merges_like_opacus_and_zero_steps_record_nothing() -> None:
+    ledger = PrivacyLedger(target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    ledger.record(SIGMA, RATE, 5)
+    ledger.record(SIGMA, RATE, 7)
+    ledger.record(SIGMA, RATE, 0)
+    assert ledger.history == [(SIGMA, RATE, 12)]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[: len(raw) // 2],  # truncated write
+        lambda raw: b"",  # empty file
+        lambda raw: b"\x00\xff garbage",  # not text
+        lambda raw: _edited(raw),  # fewer steps in the history: valid JSON, wrong checksum
+    ],
+    ids=["truncated", "empty", "garbage", "edited"],
+)
+def test_damaged_file_raises_ledger_error(tmp_path: Path, damage) -> None:
+    path = _saved_ledger(tmp_path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(LedgerError, match="restore the site's state directory"):
+        PrivacyLedger.load(path)
+    with pytest.raises(LedgerError):  # never silently a fresh ledger
+        PrivacyLedger.load_or_create(path, target_epsilon=8.0, delta=1e-5)
+
+
+def test_foreign_or_future_file_raises(tmp_path: Path) -> None:
+    path = _saved_ledger(tmp_path)
+    document = json.loads(path.read_text())
+    path.write_text(json.dumps({**document, "version": 99}))
+    with pytest.raises(LedgerError, match="version 99"):
+        PrivacyLedger.load(path)
+    path.write_text(json.dumps({"history": []}))
+    with pytest.raises(LedgerError, match="not a fedcl privacy ledger"):
+        PrivacyLedger.load(path)
+
+
+def test_mismatched_budget_raises(tmp_path: Path) -> None:
+    path = _saved_ledger(tmp_path)
+    with pytest.raises(LedgerError, match="delta"):
+        PrivacyLedger.load(path, delta=1e-6)
+    with pytest.raises(LedgerError, match="accountant"):
+        PrivacyLedger.load_or_create(path, target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    assert issubclass(LedgerError, ValueError)
+
+
+def test_missing_file_is_fresh_only_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "privacy_ledger.json"
+    with pytest.raises(LedgerError, match="does not exist"):
+        PrivacyLedger.load(path)
+    fresh = PrivacyLedger.load_or_create(path, target_epsilon=3.0, delta=1e-5)
+    assert fresh.history == [] and fresh.epsilon() == 0.0
+    assert not path.exists()  # creating is not saving
+
+
+def test_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _saved_ledger(tmp_path)
+    before = path.read_bytes()
+    ledger = PrivacyLedger.load(path)
+    ledger.record(SIGMA, RATE, 100)
+
+    def crash(*_args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(privacy_ledger.os, "replace", crash)
+    with pytest.raises(OSError):
+        ledger.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_epsilon_continues_across_a_restart(tmp_path: Path) -> None:
+    """k steps, save, a new process loads and adds m steps: epsilon equals the full history's (1%)."""
+    k, m = 30, 20
+    path = tmp_path / "privacy_ledger.json"
+    first = PrivacyLedger.load_or_create(path, target_epsilon=8.0, delta=1e-5)
+    first.record(SIGMA, RATE, k)
+    first.save(path)
+    before = first.epsilon()
+    script = (
+        "import sys; from client.privacy_ledger import PrivacyLedger as L\n"
+        "ledger = L.load_or_create(sys.argv[1], target_epsilon=8.0, delta=1e-5)\n"
+        f"ledger.record({SIGMA}, {RATE}, {m}); ledger.save(sys.argv[1]); print(ledger.epsilon())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    after = float(done.stdout.strip().splitlines()[-1])
+    fresh = compute_epsilon([(SIGMA, RATE, k + m)], 1e-5, "prv")
+    assert after > before
+    assert after == pytest.approx(fresh, rel=0.01)
+    assert PrivacyLedger.load(path).epsilon() == pytest.approx(fresh, rel=0.01)
+
+
+def test_epsilon_if_prices_without_recording() -> None:
+    ledger = PrivacyLedger(target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    ledger.record(SIGMA, RATE, 40)
+    spent, planned = ledger.epsilon(), ledger.epsilon_if(SIGMA, RATE, 40)
+    assert ledger.history == [(SIGMA, RATE, 40)]
+    ledger.record(SIGMA, RATE, 40)
+    assert planned > spent
+    assert ledger.epsilon() == pytest.approx(planned)
+
+
+def test_hard_stop_keeps_every_site_within_a_small_budget() -> None:
+    """Sites train round after round while the next round is affordable; none ends above its target."""
+    for rate in (0.02, 0.05, 0.2):
+        ledger = PrivacyLedger(target_epsilon=1.0, delta=1e-5, accountant="rdp")
+        rounds = 0
+        while ledger.can_afford(SIGMA, rate, 10):
+            ledger.record(SIGMA, rate, 10)
+            rounds += 1
+        assert rounds < 100
+        assert ledger.epsilon() <= ledger.target_epsilon
+        assert ledger.epsilon_if(SIGMA, rate, 10) > ledger.target_epsilon
+
+
+def test_calibration_meets_the_target_tightly() -> None:
+    sigma = calibrate_noise_multiplier(8.0, 1e-5, RATE, 200)
+    spent = compute_epsilon([(sigma, RATE, 200)], 1e-5, "prv")
+    assert 7.8 <= spent <= 8.0
+
+
+def test_noise_for_remaining_fits_the_rest_of_the_plan() -> None:
+    ledger = PrivacyLedger(target_epsilon=4.0, delta=1e-5, accountant="rdp")
+    ledger.record(1.5, RATE, 100)
+    sigma = ledger.noise_for_remaining(0.04, 150)
+    assert 3.9 <= ledger.epsilon_if(sigma, 0.04, 150) <= 4.0
+
+
+def test_budget_that_cannot_cover_one_round_names_the_smallest_workable_setting() -> None:
+    with pytest.raises(BudgetError, match=r"target-epsilon >= ([0-9.]+)") as caught:
+        require_budget_for_one_round(0.05, 1e-5, 0.5, 40, accountant="rdp")
+    smallest = float(caught.value.args[0].split("target-epsilon >= ")[1].split(",")[0].split(" ")[0])
+    require_budget_for_one_round(smallest, 1e-5, 0.5, 40, accountant="rdp")  # the named setting works
+    assert "lower the sample rate" in str(caught.value)  # not even one step fits this budget
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(BudgetError, match=r"cut local-steps to (\d+)") as caught:
+        require_budget_for_one_round(0.3, 1e-5, 0.5, 40, accountant="rdp")
+    steps = int(caught.value.args[0].split("cut local-steps to ")[1].split(" ")[0].rstrip(","))
+    assert 1 <= steps < 40
+    require_budget_for_one_round(0.3, 1e-5, 0.5, steps, accountant="rdp")  # that many steps fit
+    with pytest.raises(BudgetError):
+        require_budget_for_one_round(0.3, 1e-5, 0.5, steps + 1, accountant="rdp")  # and no more
+    require_budget_for_one_round(8.0, 1e-5, 0.05, 10, accountant="rdp")  # a normal budget passes
+
+
+def test_special_histories() -> None:
+    assert compute_epsilon([], 1e-5) == 0.0
+    assert compute_epsilon([(0.0, RATE, 1)], 1e-5) == math.inf  # a step without noise has no finite epsilon
+
+
+@pytest.mark.parametrize(
+    ("call", "key"),
+    [
+        (lambda: validate_budget(0.0, 1e-5), "target-epsilon"),
+        (lambda: validate_budget(-1.0, 1e-5), "target-epsilon"),
+        (lambda: validate_budget(math.inf, 1e-5), "target-epsilon"),
+        (lambda: validate_budget(8.0, 1.0), "delta"),
+        (lambda: validate_budget(8.0, 0.0), "delta"),
+        (lambda: validate_budget(8.0, 1e-5, "gdp-ish"), "accountant"),
+        (lambda: validate_clip(0.0), "max-grad-norm"),
+        (lambda: validate_clip(-1.0), "max-grad-norm"),
+        (lambda: PrivacyLedger(target_epsilon=8.0, delta=2.0), "delta"),
+        (lambda: PrivacyLedger(8.0, 1e-5).record(SIGMA, 1.5, 1), "sample rate"),
+    ],
+)
+def test_nonsense_values_are_rejected_with_the_fix(call, key: str) -> None:
+    with pytest.raises(ConfigError, match=key) as caught:
+        call()
+    assert "use" in str(caught.value)
+
+
+def test_importing_the_ledger_has_no_side_effects() -> None:
+    """No opacus import (it calls logging.basicConfig), no environment changes."""
+    script = (
+        "import os, sys, logging; env = dict(os.environ)\n"
+        "import client.privacy_ledger, client.dp_training\n"
+        "assert 'opacus' not in sys.modules, 'opacus imported'\n"
+        "assert not logging.getLogger().handlers, 'root logger configured'\n"
+        "assert dict(os.environ) == env, 'environment changed'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=120, env={**os.environ})
