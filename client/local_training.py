@@ -41,7 +41,7 @@ class TrainOutcome:
     seconds: float
 
 
-def _trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the all-padding columns on the right (same logits, less compute)."""
     longest = int(inputs["attention_mask"].sum(dim=1).max().item()) if "attention_mask" in inputs else None
     return {k: v[:, :longest] for k, v in inputs.items()} if longest else inputs
@@ -59,7 +59,7 @@ def train_plain(model: Any, data: Encoded, steps: int, batch_size: int, learning
             order, cursor = torch.randperm(len(data), generator=generator), 0
         index = order[cursor : cursor + batch_size]
         cursor += batch_size
-        out = model(**_trim_padding(data.rows(index)), labels=data.labels[index])
+        out = model(**trim_padding(data.rows(index)), labels=data.labels[index])
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -87,7 +87,7 @@ def evaluate(model: Any, data: Encoded, batch_size: int) -> EvalOutcome:
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
         labels = data.labels[index]
-        logits = model(**_trim_padding(data.rows(index))).logits
+        logits = model(**trim_padding(data.rows(index))).logits
         total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=-1) == labels).sum())
     n = max(len(data), 1)
