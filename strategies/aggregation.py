@@ -41,7 +41,8 @@ def example_weights(updates: Sequence[SiteUpdate]) -> np.ndarray:
     """Normalised weights proportional to each update's number of examples."""
     counts = np.array([u.num_examples for u in updates], dtype=np.float64)
     if len(counts) == 0 or counts.sum() <= 0:
-        raise ValueError("cannot weight updates: no update has a positive number of examples")
+        raise ValueError("cannot weight updates: no update has a positive number of examples; "
+                         "each reply must report its num-examples (> 0)")
     return counts / counts.sum()
 
 
