@@ -1,0 +1,119 @@
+"""Federated private nearest-class-mean baseline, site side: features, class sums, one Gaussian release.
+
+Features are the frozen base model's last hidden states, mean-pooled over the
+attention mask and L2-normalised (how all-MiniLM-L6-v2 was trained to be
+used). A site sums the unit feature vectors of its records per class and
+releases the ``[num_classes, dim]`` sums once through the Gaussian mechanism;
+the server adds the sites' sums and predicts the class with the highest
+cosine (``strategies/ncm_sums.py``).
+
+Privacy: under add/remove-one adjacency one record moves exactly one class sum
+by a vector of norm at most 1 (rows are clipped to norm 1 before summing, a
+guard against rounding), so the L2 sensitivity of the whole release is 1 and
+noise std ``sigma`` is noise multiplier ``sigma``: the ledger records
+``GaussianSteps(sigma, 1.0, 1)`` per release. Every row of the released
+classes gets noise, including classes the site has no record of (otherwise
+which classes a site holds would leak). Counts are NOT released: the direction
+of a class sum is that of the class mean, which is all the cosine rule needs,
+so counts would only spend budget. In a continual stream each record is
+released once, with its own experience; the releases of different
+experiences are on disjoint records (parallel composition: the guarantee per
+record is that of one release), but a ledger that only composes sequentially
+will count each release in full (safe, pessimistic).
+
+Calibration: :func:`client.gaussian_release.analytic_gaussian_sigma` gives
+the exact sigma for (epsilon, delta); to make the ledger's Opacus accountant
+(PRV/RDP) show at most the target, calibrate with the ledger instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from client.gaussian_release import GaussianSteps
+
+
+@dataclass(frozen=True)
+class ClassSumRelease:
+    """A site's noisy class sums (zero rows outside ``classes``) and its ledger entry."""
+
+    sums: np.ndarray  # float64 [num_classes, dim]
+    classes: tuple[int, ...]
+    ledger_steps: GaussianSteps
+
+
+def mean_pooled_features(model: Any, inputs: Mapping[str, Any], batch_size: int = 64) -> np.ndarray:
+    """L2-normalised mean-pooled last hidden states of the frozen base model, float32 ``[N, dim]``.
+
+    ``model`` is a Hugging Face model; a PEFT model runs with its adapters
+    disabled (``disable_adapter()``), so only the frozen base counts. Padding
+    positions (``attention_mask == 0``) are left out of the mean.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r}: use at least 1")
+    mask_all = inputs.get("attention_mask")
+    total = len(next(iter(inputs.values())))
+    disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    was_training = model.training
+    chunks = []
+    try:
+        model.eval()
+        with disabled, torch.no_grad():
+            for start in range(0, total, batch_size):
+                chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
+                output = model(**chunk, output_hidden_states=True)
+                hidden = output.hidden_states[-1] if getattr(output, "hidden_states", None) else output.last_hidden_state
+                mask = (mask_all[start:start + batch_size] if mask_all is not None
+                        else torch.ones(hidden.shape[:2])).to(hidden.dtype).unsqueeze(-1)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+                chunks.append(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+def class_feature_sums(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-class sums of the feature rows, float64 ``[num_classes, dim]``; rows are first clipped to norm 1."""
+    features = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ValueError(f"features {features.shape} and labels {labels.shape}: give one 2-D feature row per label")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be 0 .. {num_classes - 1}; got {labels.min()} .. {labels.max()}")
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    clipped = features / np.maximum(norms, 1.0)
+    sums = np.zeros((num_classes, features.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, clipped)
+    return sums
+
+
+def release_class_sums(
+    sums: np.ndarray, classes: Sequence[int], noise_multiplier: float, rng: np.random.Generator
+) -> ClassSumRelease:
+    """Add Gaussian noise of std ``noise_multiplier`` (sensitivity 1) to the rows ``classes``; zero the rest.
+
+    ``classes`` are the rows this release covers (e.g. the current experience's
+    labels from the global plan, whether or not the site holds them). Raises
+    ``ValueError`` if a row outside ``classes`` has data (those records would
+    leak without noise).
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    rows = np.asarray(sorted({int(c) for c in classes}), dtype=np.int64)
+    if len(rows) == 0:
+        raise ValueError("no classes to release; pass the experience's label ids")
+    if rows.min() < 0 or rows.max() >= len(sums):
+        raise ValueError(f"classes must be 0 .. {len(sums) - 1}; got {rows.min()} .. {rows.max()}")
+    if not noise_multiplier >= 0:
+        raise ValueError(f"noise_multiplier {noise_multiplier!r}: use a value >= 0 (0 only for a non-private run)")
+    others = np.setdiff1d(np.arange(len(sums)), rows)
+    if np.any(sums[others] != 0):
+        raise ValueError("the sums hold records of classes outside `classes`; release every class that has records")
+    noisy = np.zeros_like(sums)
+    noisy[rows] = sums[rows] + rng.normal(0.0, noise_multiplier, size=(len(rows), sums.shape[1]))
+    return ClassSumRelease(noisy, tuple(int(r) for r in rows), GaussianSteps(float(noise_multiplier), 1.0, 1))
