@@ -24,11 +24,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.state_files import write_atomic
 from fedcl.run_config import ConfigError
 
 ACCOUNTANTS = ("prv", "rdp")  # prv: tightest bound Opacus offers (its default); rdp: the classic one
@@ -230,36 +230,6 @@ class PrivacyLedger:
         """The hard stop: True only if these steps keep the site within ``target_epsilon``."""
         return self.epsilon_if(noise_multiplier, sample_rate, steps) <= self.target_epsilon
 
-    def noise_for_remaining(
-        self, sample_rate: float, remaining_steps: int, tolerance: float = 0.01
-    ) -> float:
-        """The smallest noise multiplier (within ``tolerance`` in epsilon) that fits the rest of the plan.
-
-        Prices the recorded history plus ``remaining_steps`` at ``sample_rate``
-        against ``target_epsilon``. Re-calibrating each round with the current
-        sample rate (it changes as tasks arrive) and the steps still planned
-        keeps the plan within budget. Raises :class:`BudgetError` if nothing fits.
-        """
-        _validate_step(1.0, sample_rate, remaining_steps)
-        if remaining_steps < 1:
-            raise ConfigError(f"remaining steps {remaining_steps!r}: plan at least one step")
-        low, high = 0.0, 1.0
-        while (spent := self.epsilon_if(high, sample_rate, remaining_steps)) > self.target_epsilon:
-            low, high = high, 2.0 * high
-            if high > NOISE_SEARCH_CEILING:
-                raise BudgetError(
-                    f"the site has spent epsilon {self.epsilon():.4g} of {self.target_epsilon}: no noise multiplier "
-                    f"fits {remaining_steps} more steps at sample rate {sample_rate:.4g}; plan fewer steps"
-                )
-        while self.target_epsilon - spent > tolerance and high - low > 1e-6:
-            middle = (low + high) / 2
-            eps_middle = self.epsilon_if(middle, sample_rate, remaining_steps)
-            if eps_middle <= self.target_epsilon:
-                high, spent = middle, eps_middle
-            else:
-                low = middle
-        return high
-
     # --- persistence -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The ledger as plain data (the Opacus accountant state plus the budget)."""
@@ -271,21 +241,9 @@ class PrivacyLedger:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the ledger atomically: temporary file in the same folder, fsync, rename, fsync the folder."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         payload = self.state_dict()
         document = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "sha256": _digest(payload), "payload": payload}
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(document, stream, indent=1)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _fsync_folder(target.parent)
+        write_atomic(path, json.dumps(document, indent=1).encode("utf-8"))
 
     @classmethod
     def load(
@@ -369,17 +327,3 @@ def _parse(raw: bytes, source: Path) -> PrivacyLedger:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise LedgerError(f"privacy ledger {source} has an invalid payload ({err}); {restore}") from err
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from client import privacy_ledger
 from client.privacy_ledger import (
     BudgetError,
     LedgerError,
@@ -118,7 +117,7 @@ def test_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Monk
     def crash(*_args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(privacy_ledger.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
         ledger.save(path)
     assert path.read_bytes() == before
@@ -175,13 +174,6 @@ def test_calibration_meets_the_target_tightly() -> None:
     sigma = calibrate_noise_multiplier(8.0, 1e-5, RATE, 200)
     spent = compute_epsilon([(sigma, RATE, 200)], 1e-5, "prv")
     assert 7.8 <= spent <= 8.0
-
-
-def test_noise_for_remaining_fits_the_rest_of_the_plan() -> None:
-    ledger = PrivacyLedger(target_epsilon=4.0, delta=1e-5, accountant="rdp")
-    ledger.record(1.5, RATE, 100)
-    sigma = ledger.noise_for_remaining(0.04, 150)
-    assert 3.9 <= ledger.epsilon_if(sigma, 0.04, 150) <= 4.0
 
 
 def test_budget_that_cannot_cover_one_round_names_the_smallest_workable_setting() -> None:
