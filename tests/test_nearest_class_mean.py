@@ -1,0 +1,135 @@
+"""Federated private nearest-class-mean: no-noise equals numpy, frozen-base features, sensitivity, calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from client.gaussian_release import analytic_gaussian_sigma, gaussian_delta
+from client.nearest_class_mean import class_feature_sums, mean_pooled_features, release_class_sums
+from strategies.ncm_sums import ClassSums, predict_nearest_class
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.normal(size=(n, dim))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_without_noise_the_federation_equals_a_plain_numpy_nearest_class_mean():
+    rng = np.random.default_rng(0)
+    num_classes, dim = 4, 8
+    sites = [(unit_rows(rng, 30, dim), rng.integers(0, num_classes, 30)) for _ in range(3)]
+    total = ClassSums.empty(num_classes, dim)
+    for features, labels in sites:
+        release = release_class_sums(class_feature_sums(features, labels, num_classes), range(num_classes), 0.0, rng)
+        assert release.ledger_steps == (0.0, 1.0, 1)
+        total.add(release.sums, release.classes)
+    pooled_x = np.concatenate([f for f, _ in sites])
+    pooled_y = np.concatenate([y for _, y in sites])
+    means = np.stack([pooled_x[pooled_y == c].mean(axis=0) for c in range(num_classes)])  # plain class means
+    np.testing.assert_allclose(total.sums, means * np.bincount(pooled_y, minlength=num_classes)[:, None], atol=1e-12)
+    queries = unit_rows(rng, 50, dim)
+    by_loop = []
+    for q in queries:
+        cosines = [q @ m / (np.linalg.norm(q) * np.linalg.norm(m)) for m in means]
+        by_loop.append(int(np.argmax(cosines)))
+    assert predict_nearest_class(queries, total.sums).tolist() == by_loop
+
+
+def test_prediction_only_among_released_classes():
+    sums = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    assert predict_nearest_class(np.array([[0.0, 1.0]]), sums, classes=[0, 2]).tolist() == [2]
+    total = ClassSums.empty(3, 2)
+    total.add(np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), [0])
+    assert total.released == {0}
+    with pytest.raises(ValueError, match="outside its released classes"):
+        total.add(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]), [0])
+
+
+def test_one_record_moves_the_release_by_at_most_one():
+    """L2 sensitivity 1 under add/remove-one: even rows longer than 1 are clipped first."""
+    rng = np.random.default_rng(1)
+    features, labels = 3 * rng.normal(size=(20, 6)), rng.integers(0, 3, 20)
+    full = class_feature_sums(features, labels, 3)
+    for drop in range(20):
+        keep = np.arange(20) != drop
+        assert np.linalg.norm(full - class_feature_sums(features[keep], labels[keep], 3)) <= 1.0 + 1e-12
+
+
+def test_release_noises_exactly_the_released_rows():
+    rng = np.random.default_rng(2)
+    sums = np.zeros((5, 400))
+    sums[1] = 1.0
+    release = release_class_sums(sums, [1, 3], noise_multiplier=0.5, rng=rng)
+    assert release.classes == (1, 3) and release.ledger_steps == (0.5, 1.0, 1)
+    assert np.all(release.sums[[0, 2, 4]] == 0)
+    noise = np.concatenate([release.sums[1] - 1.0, release.sums[3]])  # class 3 is absent here, yet noised
+    assert np.std(noise) == pytest.approx(0.5, rel=0.1)
+    with pytest.raises(ValueError, match="outside `classes`"):
+        release_class_sums(sums, [3], 0.5, rng)
+
+
+def test_features_are_mean_pooled_unit_vectors_of_the_frozen_base(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    inputs = tokenizer(["a short text", "a much longer text about the heart and the lungs"], padding=True,
+                       return_tensors="pt")
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    torch.manual_seed(0)
+    model = get_peft_model(BertForSequenceClassification.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    with torch.no_grad():  # an adapter that changes the hidden states
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    features = mean_pooled_features(model, inputs, batch_size=1)
+
+    base = BertModel.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        hidden = base(**inputs).last_hidden_state.numpy()
+    mask = inputs["attention_mask"].numpy()
+    expected = []
+    for h, m in zip(hidden, mask):
+        mean = h[m == 1].mean(axis=0)
+        expected.append(mean / np.linalg.norm(mean))
+    np.testing.assert_allclose(features, np.array(expected), atol=1e-5)
+    with torch.no_grad():
+        adapted = model(**inputs, output_hidden_states=True).hidden_states[-1].numpy()
+    assert not np.allclose(adapted, hidden, atol=1e-3)  # the adapter matters, and was left out
+
+
+def numeric_delta(sigma: float, epsilon: float) -> float:
+    """Hockey-stick divergence of N(1, sigma^2) vs N(0, sigma^2) by numerical integration (no closed form)."""
+    x = np.linspace(-40 * sigma - 5, 40 * sigma + 5, 2_000_001)
+    p = np.exp(-((x - 1) ** 2) / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
+    q = np.exp(-(x**2) / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
+    return float(np.trapezoid(np.maximum(p - math.exp(epsilon) * q, 0.0), x))
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 2.0, 8.0])
+def test_sigma_calibration_meets_the_target(epsilon):
+    delta = 1e-5
+    sigma = analytic_gaussian_sigma(epsilon, delta)
+    assert numeric_delta(sigma, epsilon) <= delta * 1.001
+    assert numeric_delta(sigma * 0.98, epsilon) > delta  # and it is not wastefully large
+    assert gaussian_delta(sigma, epsilon) <= delta
+
+
+def test_sigma_calibration_agrees_with_opacus_accountants():
+    from opacus.accountants import create_accountant
+
+    sigma = analytic_gaussian_sigma(8.0, 1e-5)
+    assert sigma == pytest.approx(0.600, abs=0.002)
+    prv = create_accountant("prv")
+    prv.history = [(sigma, 1.0, 1)]
+    assert prv.get_epsilon(1e-5) <= 8.0 + 0.02  # PRV's own numerical error bound is 0.01
+    assert analytic_gaussian_sigma(2.0, 1e-5) > sigma and analytic_gaussian_sigma(8.0, 1e-6) > sigma
+    with pytest.raises(ValueError, match="epsilon"):
+        analytic_gaussian_sigma(0.0, 1e-5)
+    with pytest.raises(ValueError, match="delta"):
+        analytic_gaussian_sigma(8.0, 1.0)
