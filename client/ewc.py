@@ -26,8 +26,8 @@ frozen base too (182 MB per experience on MiniLM). Here:
 
 Importances under DP, choice (a): estimated from private data INSIDE a
 Gaussian mechanism, and counted in the ledger. :func:`estimate_importance`
-computes per-sample gradients of the trainable parameters (Opacus
-``GradSampleModule``, hooks mode), clips each to L2 norm ``C`` (jointly over
+computes per-sample gradients of the trainable parameters (Opacus hooks,
+through DP-SGD's own ``per_sample_gradient_hooks``), clips each to L2 norm ``C`` (jointly over
 all trainable tensors, as DP-SGD does), squares them elementwise and sums
 over the batch. Adding or removing one record changes that sum by a vector
 ``g**2`` with ``||g**2||_2 <= ||g||_2**2 <= C**2``, so the L2 sensitivity is
@@ -88,7 +88,14 @@ Batch = tuple[Any, Any]  # (inputs: Tensor or dict of Tensors, labels: LongTenso
 
 
 def trainable_parameters(model: Any) -> dict[str, Any]:
-    """The parameters that train (``requires_grad``), by name; unwraps an Opacus GradSampleModule."""
+    """The parameters that train (``requires_grad``), by name; unwraps an Opacus GradSampleModule.
+
+    ``model`` may also be a mapping of name to parameter (what DP-SGD's
+    ``extra_gradient`` callback receives), so ``functools.partial(state.penalty_gradient,
+    ewc_lambda=...)`` is such a callback as is.
+    """
+    if isinstance(model, Mapping):
+        return {name: p for name, p in model.items() if p.requires_grad}
     return {name: p for name, p in _unwrapped(model).named_parameters() if p.requires_grad}
 
 
@@ -130,36 +137,29 @@ def estimate_importance(
     None`` (no clipping) needs ``noise_multiplier = 0``: the plain, non-private
     estimate. Only the layers that own trainable parameters run in train mode
     (Opacus' hooks need it); everything else, dropout included, runs in eval
-    mode, so the estimate is deterministic. Restores every module's mode and
-    clears ``.grad``; pass the plain model, not one an Opacus GradSampleModule
-    currently wraps.
+    mode, so the estimate is deterministic. The per-sample gradients come from
+    :func:`client.dp_training.per_sample_gradient_hooks` (the same hooks as
+    DP-SGD), which restores every module's mode and removes every Opacus trace
+    and ``.grad`` afterwards; pass the plain model, not one an Opacus
+    GradSampleModule currently wraps.
     """
     _check_estimate_args(model, clip_norm, noise_multiplier, sample_rate, dataset_size)
     import torch
-    from opacus import GradSampleModule
 
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no trainable parameters; EWC needs the adapter and head to require grad")
-    totals = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in params.items()}
+    from client.dp_training import per_sample_gradient_hooks
+
     noise_std = 0.0 if clip_norm is None else noise_multiplier * clip_norm**2
-    modes, steps = {module: module.training for module in model.modules()}, 0
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
-    try:
-        _hooks_on_dropout_off(model)
+    steps = 0
+    with per_sample_gradient_hooks(model) as params:  # restores modes and removes every Opacus trace on exit
+        _dropout_off(model)
+        totals = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in params.items()}
         for inputs, labels in batches:
             steps += 1
             if len(labels) > 0:
-                _add_clipped_squares(wrapped, params, totals, inputs, labels, clip_norm)
+                _add_clipped_squares(model, params, totals, inputs, labels, clip_norm)
             if noise_std > 0:
                 for name, total in totals.items():
                     total += torch.normal(0.0, noise_std, size=total.shape, generator=generator, dtype=torch.float64)
-    finally:
-        wrapped.to_standard_module()  # removes the hooks and every grad_sample attribute
-        for p in params.values():
-            p.grad = None
-        for module, training in modes.items():
-            module.training = training
     if steps == 0:
         raise ValueError("no batches: give at least one (Poisson-sampled) batch of the experience's records")
     expected = sample_rate * dataset_size * steps
@@ -211,10 +211,11 @@ class EwcState:
     def penalty_gradient(self, model: Any, ewc_lambda: float) -> dict[str, Any]:
         """``lambda * sum_terms F * (theta - theta*)`` for every trainable parameter with an importance.
 
-        Keyed by parameter name (as in :func:`trainable_parameters`), same
-        dtype and device as the parameter; empty before the first
-        consolidation or with ``ewc_lambda = 0``. Add it to ``p.grad`` after
-        Opacus' clipping and noise.
+        ``model`` is the model or its trainable parameters by name. Keyed by
+        parameter name (as in :func:`trainable_parameters`), same dtype and
+        device as the parameter; empty before the first consolidation or with
+        ``ewc_lambda = 0``. Add it to ``p.grad`` after Opacus' clipping and
+        noise (DP-SGD's ``extra_gradient`` hook does).
         """
         import torch
 
@@ -332,7 +333,7 @@ def _check_estimate_args(model: Any, clip_norm: float | None, noise_multiplier: 
         raise ValueError(f"dataset_size {dataset_size!r}: use the number of records the batches are sampled from")
 
 
-def _hooks_on_dropout_off(model: Any) -> None:
+def _dropout_off(model: Any) -> None:
     """Eval mode everywhere except the layers that own trainable parameters (Opacus hooks need train mode)."""
     model.eval()
     for module in model.modules():
@@ -340,15 +341,20 @@ def _hooks_on_dropout_off(model: Any) -> None:
             module.training = True
 
 
-def _add_clipped_squares(wrapped: Any, params: Mapping[str, Any], totals: dict[str, Any], inputs: Any, labels: Any,
+def _add_clipped_squares(model: Any, params: Mapping[str, Any], totals: dict[str, Any], inputs: Any, labels: Any,
                          clip_norm: float | None) -> None:
     """One batch: per-sample gradients, clipped jointly to ``clip_norm``, squared, summed into ``totals``."""
+    import warnings
+
     import torch
 
-    wrapped.zero_grad(set_to_none=True)
-    output = wrapped(**inputs) if isinstance(inputs, Mapping) else wrapped(inputs)
-    logits = getattr(output, "logits", output)
-    torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+    for p in params.values():
+        p.grad, p.grad_sample = None, None  # no accumulation across batches
+    output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    loss = torch.nn.functional.cross_entropy(getattr(output, "logits", output), labels)  # a mean, as the hooks expect
+    with warnings.catch_warnings():  # LoRA layers fed by frozen layers: expected, and harmless here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        loss.backward()
     samples = {name: torch.zeros((len(labels), *p.shape), dtype=torch.float64) if p.grad_sample is None
                else p.grad_sample.detach().to(torch.float64) for name, p in params.items()}
     norms = torch.sqrt(sum(g.reshape(len(labels), -1).pow(2).sum(dim=1) for g in samples.values()))
