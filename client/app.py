@@ -1,9 +1,10 @@
 """The ClientApp: thin Flower glue over the site trainer.
 
 Train: load the global adapter from the message (or the seeded initial one
-when the message carries none), train locally, reply with the trainable
-tensors and metrics. Evaluate: load the global adapter, evaluate on the
-site's own test split.
+when the message carries none), run the round's phase (client/site_trainer.py:
+DP-SGD, the privacy ledger, the hard stop), reply with the trainable tensors
+and metrics, or with no update and the reason. Evaluate: load the global
+adapter and evaluate on the site's own test split.
 """
 
 from __future__ import annotations
@@ -11,21 +12,26 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local_training import evaluate, train_plain
+from client.head_features import adapter_is_identity, evaluate_head, head_module
+from client.local_training import evaluate
 from client.site_runtime import SiteRuntime, site_runtime
+from client.site_state import site_state
+from client.site_trainer import RoundInstructions, cached_head_inputs, train_round
 from fedcl.model_factory import configure_torch_threads, set_trainable_arrays, trainable_arrays
 from strategies.site_strategy import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, SITE_RECORD, to_numpy, to_record
 
 app = ClientApp()
 
 
-def _prepare(msg: Message, context: Context) -> SiteRuntime:
+def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, dict, bool]:
+    """Parse configs, load data and model, install the received adapter; says whether it is the identity."""
     configure_torch_threads()
     runtime = site_runtime(context.run_config, context.node_config)
     received = msg.content.array_records.get(ARRAYS_RECORD, ArrayRecord())
     arrays = to_numpy(received) if len(received) else runtime.adapter.initial_state
     set_trainable_arrays(runtime.adapter.model, arrays)
-    return runtime
+    round_config = dict(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()))
+    return runtime, round_config, adapter_is_identity(arrays)
 
 
 def _site_record(runtime: SiteRuntime, status: str, reason: str = "") -> ConfigRecord:
@@ -35,24 +41,31 @@ def _site_record(runtime: SiteRuntime, status: str, reason: str = "") -> ConfigR
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received adapter on this site's private training split."""
-    runtime = _prepare(msg, context)
-    config = runtime.config
-    server_round = int(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()).get("server-round", 0))
-    outcome = train_plain(runtime.adapter.model, runtime.data.train, config.local_steps, config.batch_size,
-                          config.learning_rate, seed=config.seed * 1000 + server_round * 10 + runtime.data.index)
-    metrics = MetricRecord({"num-examples": len(runtime.data.train), "train-loss": outcome.mean_loss,
-                            "train-steps": outcome.steps, "train-seconds": outcome.seconds})
-    content = RecordDict({ARRAYS_RECORD: to_record(trainable_arrays(runtime.adapter.model)),
-                          METRICS_RECORD: metrics, SITE_RECORD: _site_record(runtime, "trained")})
+    """Train the received adapter on this site's private training split (or decline, with the reason)."""
+    runtime, round_config, _ = _prepare(msg, context)
+    state = site_state(context.node_config, str(round_config.get("run-dir", "")), runtime.data.name)
+    result = train_round(runtime, RoundInstructions.from_config(round_config), state)
+    metrics = MetricRecord({"num-examples": len(runtime.data.train), **result.metrics})
+    content = RecordDict({METRICS_RECORD: metrics, SITE_RECORD: _site_record(runtime, result.status, result.reason)})
+    if result.status == "trained":
+        content[ARRAYS_RECORD] = to_record(trainable_arrays(runtime.adapter.model))
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on this site's own test split."""
-    runtime = _prepare(msg, context)
-    outcome = evaluate(runtime.adapter.model, runtime.data.test, runtime.config.eval_batch_size)
+    """Evaluate the received adapter on this site's own test split.
+
+    While the adapter is the identity (the probe phase) the head runs on the
+    cached head inputs of the test split: the same numbers, without a forward
+    pass of the transformer.
+    """
+    runtime, _, identity = _prepare(msg, context)
+    if identity:
+        outcome = evaluate_head(head_module(runtime.adapter.model), cached_head_inputs(runtime, "test"),
+                                runtime.data.test.labels)
+    else:
+        outcome = evaluate(runtime.adapter.model, runtime.data.test, runtime.config.eval_batch_size)
     metrics = MetricRecord({"num-examples": outcome.examples, "eval-loss": outcome.loss,
                             "accuracy": outcome.accuracy, "eval-seconds": outcome.seconds})
     content = RecordDict({METRICS_RECORD: metrics, SITE_RECORD: _site_record(runtime, "evaluated")})

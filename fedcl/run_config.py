@@ -9,7 +9,7 @@ the value and the fix.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 PARTITIONS = ("iid", "dirichlet", "group")
@@ -50,7 +50,7 @@ class RunConfig:
     max_test_examples: int = 0  # per site, 0 = all
     seed: int = 42
     # --- federation --------------------------------------------------------
-    num_rounds: int = 3
+    num_rounds: int = 2  # LoRA rounds (after the probe phase of the probe-then-lora recipe)
     strategy: str = "fedavg"
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     # --- local training ----------------------------------------------------
@@ -58,6 +58,19 @@ class RunConfig:
     batch_size: int = 16
     learning_rate: float = 1e-2  # AdamW on LoRA + head
     eval_batch_size: int = 64
+    # --- privacy: one (epsilon, delta) budget per site for the whole federation
+    dp: bool = True  # DP-SGD at every site; false only for baselines
+    target_epsilon: float = 8.0
+    delta: float = 1e-5  # below 1/records at a site
+    noise_multiplier: float = 0.0  # 0: calibrate from the planned schedule to spend exactly target-epsilon
+    max_grad_norm: float = 1.0  # per-example clipping bound C
+    accountant: str = "prv"  # prv (tightest) or rdp
+    # --- recipe: a private linear probe on cached features, then private LoRA
+    recipe: str = "probe-then-lora"  # or "lora": LoRA + head from the first round (the plain recipe)
+    probe_rounds: int = 20  # rounds that train only the head on cached features
+    probe_steps: int = 40  # DP-SGD steps per site per probe round (each costs milliseconds)
+    probe_batch_size: int = 128  # expected Poisson batch of the probe (larger batches: less noise per signal)
+    probe_learning_rate: float = 0.25  # SGD, momentum 0.9, on a zero-initialised head
     # --- output ------------------------------------------------------------
     output_dir: str = ""  # empty: runs/<timestamp>
 
@@ -80,7 +93,7 @@ class RunConfig:
             _fail("test-fraction", self.test_fraction, "use a value strictly between 0 and 1, e.g. 0.2")
         _non_negative_int("max-train-examples", self.max_train_examples)
         _non_negative_int("max-test-examples", self.max_test_examples)
-        _positive_int("num-rounds", self.num_rounds)
+        _non_negative_int("num-rounds", self.num_rounds)
         if self.strategy not in STRATEGIES:
             _fail("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
         if self.round_timeout <= 0:
@@ -90,11 +103,40 @@ class RunConfig:
         if self.learning_rate <= 0:
             _fail("learning-rate", self.learning_rate, "use a positive learning rate, e.g. 0.01")
         _positive_int("eval-batch-size", self.eval_batch_size)
+        if not self.target_epsilon > 0:
+            _fail("target-epsilon", self.target_epsilon, "use a positive epsilon, e.g. 8.0")
+        if not 0.0 < self.delta < 1.0:
+            _fail("delta", self.delta, "use 0 < delta < 1, well below 1/records per site, e.g. 1e-5")
+        if self.noise_multiplier < 0:
+            _fail("noise-multiplier", self.noise_multiplier, "use 0 (calibrate to target-epsilon) or a positive value")
+        if not self.max_grad_norm > 0:
+            _fail("max-grad-norm", self.max_grad_norm, "use a positive clipping bound, e.g. 1.0")
+        if self.accountant not in ACCOUNTANTS:
+            _fail("accountant", self.accountant, f"use one of {', '.join(ACCOUNTANTS)}")
+        if self.recipe not in RECIPES:
+            _fail("recipe", self.recipe, f"use one of {', '.join(RECIPES)}")
+        _non_negative_int("probe-rounds", self.probe_rounds)
+        if self.total_rounds < 1:
+            _fail("num-rounds", self.num_rounds, "run at least one round: num-rounds >= 1, or probe-rounds >= 1 with the probe recipe")
+        _positive_int("probe-steps", self.probe_steps)
+        _positive_int("probe-batch-size", self.probe_batch_size)
+        if self.probe_learning_rate <= 0:
+            _fail("probe-learning-rate", self.probe_learning_rate, "use a positive learning rate, e.g. 0.5")
 
     @property
     def target_modules(self) -> list[str]:
         """The LoRA target module names as a list."""
         return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+    @property
+    def probe_phase_rounds(self) -> int:
+        """Rounds of the linear-probe phase (0 for the plain recipe)."""
+        return self.probe_rounds if self.recipe == "probe-then-lora" else 0
+
+    @property
+    def total_rounds(self) -> int:
+        """All rounds of the run: the probe phase, then ``num-rounds`` LoRA rounds."""
+        return self.probe_phase_rounds + self.num_rounds
 
     def to_flat(self) -> dict[str, Any]:
         """The config as Flower's flat kebab-case mapping (the inverse of parsing)."""
@@ -157,4 +199,4 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
 
 
 DEFAULT = RunConfig()
-__all__ = ["RunConfig", "ConfigError", "parse_run_config", "config_keys", "DEFAULT", "field"]
+__all__ = ["RunConfig", "ConfigError", "parse_run_config", "config_keys", "DEFAULT"]

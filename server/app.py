@@ -44,11 +44,39 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, config)
 
 
+def round_schedule(config: RunConfig, server_round: int) -> dict[str, str | int]:
+    """The phase of a round and the rounds each phase still has (this one included): the plan sites calibrate for."""
+    probe = config.probe_phase_rounds
+    if server_round <= probe:
+        return {"phase": "probe", "plan-probe-rounds": probe - server_round + 1, "plan-lora-rounds": config.num_rounds}
+    return {"phase": "lora", "plan-probe-rounds": 0, "plan-lora-rounds": config.total_rounds - server_round + 1}
+
+
+def privacy_summary(config: RunConfig, strategy: SiteStrategy) -> dict[str, dict] | None:
+    """The ``privacy`` object of summary.json: each site's last reported ledger figures."""
+    if not config.dp:
+        return None
+    sites: dict[str, dict] = {}
+    for server_round in sorted(strategy.train_replies):
+        for reply in strategy.train_replies[server_round]:
+            if "epsilon" not in reply.metrics:
+                continue
+            m = reply.metrics
+            entry = sites.setdefault(reply.site, {"stopped_for_budget": False})
+            entry.update({"epsilon": m["epsilon"], "delta": m.get("delta"), "noise_multiplier": m.get("noise-multiplier"),
+                          "max_grad_norm": m.get("max-grad-norm"), "steps": m.get("dp-steps-total"),
+                          "sample_rate": m.get("sample-rate"), "accountant": config.accountant,
+                          "target_epsilon": config.target_epsilon})
+            entry["stopped_for_budget"] = entry["stopped_for_budget"] or bool(m.get("stopped-for-budget"))
+    return sites
+
+
 def run_federation(grid: Grid, config: RunConfig) -> Path:
     """Run ``num-rounds`` rounds over ``num-sites`` sites; returns the run directory."""
     run_dir = resolve_run_dir(config)
     report = RunReport(run_dir, config.to_flat())
-    strategy = SiteStrategy(FedAvgAggregator(), num_sites=config.num_sites)
+    strategy = SiteStrategy(FedAvgAggregator(), num_sites=config.num_sites,
+                            round_config=lambda server_round: round_schedule(config, server_round))
     log(INFO, "fedcl: run directory %s", run_dir)
     state = {"bytes_before_round": 0, "round_started": time.time()}
 
@@ -64,16 +92,18 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             save_arrays_atomic(run_dir / "checkpoint" / "global.npz", to_numpy(arrays))
         accuracies = {r["site"]: r["accuracy"] for r in rows if r.get("accuracy") is not None}
         mean = sum(accuracies.values()) / len(accuracies) if accuracies else float("nan")
-        log(INFO, "fedcl: round %d/%d done in %.1f s: mean accuracy %.3f (%s)", server_round, config.num_rounds,
-            time.time() - state["round_started"], mean,
-            ", ".join(f"{site} {acc:.3f}" for site, acc in sorted(accuracies.items())))
+        epsilons = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
+        spent = f"; epsilon spent up to {max(epsilons):.2f} of {config.target_epsilon}" if epsilons else ""
+        log(INFO, "fedcl: round %d/%d (%s) done in %.1f s: mean accuracy %.3f (%s)%s", server_round,
+            config.total_rounds, round_schedule(config, server_round)["phase"], time.time() - state["round_started"],
+            mean, ", ".join(f"{site} {acc:.3f}" for site, acc in sorted(accuracies.items())), spent)
         state["round_started"] = time.time()
         return MetricRecord({"mean-accuracy": mean})
 
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(),  # sites start from the same seeded adapter: nothing to send
-        num_rounds=config.num_rounds,
+        num_rounds=config.total_rounds,
         timeout=config.round_timeout,
         train_config=ConfigRecord({"run-dir": str(run_dir)}),
         evaluate_config=ConfigRecord({"run-dir": str(run_dir)}),
@@ -84,6 +114,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         base_bytes = export_adapter(run_dir / "adapter", config, to_numpy(result.arrays))
     labels = next((r.info.get("label-names") for replies in strategy.train_replies.values() for r in replies
                    if r.info.get("label-names")), None)
-    summary = report.summary(base_bytes, {"label_names": list(labels) if labels else None})
+    summary = report.summary(base_bytes, {"label_names": list(labels) if labels else None,
+                                          "privacy": privacy_summary(config, strategy)})
     log(INFO, "fedcl: final mean accuracy %s; report in %s", summary["accuracy"], run_dir / "summary.json")
     return run_dir

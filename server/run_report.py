@@ -4,36 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedcl.atomic_files import save_arrays_atomic, write_json_atomic
 from strategies.site_strategy import SiteReply
 
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON via a temporary file, fsync and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(payload, out, indent=2, sort_keys=True)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
-def save_arrays_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Save named arrays as .npz atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    with os.fdopen(handle, "wb") as out:
-        np.savez(out, **arrays)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+__all__ = ["RunReport", "save_arrays_atomic", "write_json_atomic"]
 
 
 class RunReport:

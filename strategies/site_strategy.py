@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import Aggregator, Arrays, SiteUpdate
@@ -59,12 +60,21 @@ def _site_of(message: Message) -> tuple[str, dict[str, Any]]:
 class SiteStrategy(FedAvg):
     """FedAvg's round loop with a pluggable numpy aggregator and per-site reply records."""
 
-    def __init__(self, aggregator: Aggregator, num_sites: int) -> None:
+    def __init__(self, aggregator: Aggregator, num_sites: int,
+                 round_config: Callable[[int], dict[str, Any]] | None = None) -> None:
         super().__init__(min_train_nodes=num_sites, min_evaluate_nodes=num_sites, min_available_nodes=num_sites)
         self.aggregator = aggregator
+        self.round_config = round_config or (lambda server_round: {})
         self.current: Arrays = {}
         self.train_replies: dict[int, list[SiteReply]] = {}
         self.evaluate_replies: dict[int, list[SiteReply]] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sampling and messages, with this round's entries (e.g. its phase) added to the config."""
+        round_config = ConfigRecord({**dict(config), **self.round_config(server_round)})
+        return super().configure_train(server_round, arrays, round_config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
