@@ -1,17 +1,18 @@
 """DP-SGD step time against a plain step: MiniLM with LoRA on query,value, batch 32, 128 tokens.
 
-    .venv/bin/python -m simulations.bench_dp_step [--steps 10] [--block 5] [--out runs/bench_dp_step.json]
+    .venv/bin/python -m simulations.bench_dp_step [--steps 10] [--block 1] [--out runs/bench_dp_step.json]
 
 Both trainers are the ones sites run: ``train_plain`` (AdamW) and
 ``train_private`` (Opacus hooks, per-sample clipping, noise, AdamW underneath).
 The 32 records are random token ids filling all 128 positions, so no padding
 is trimmed and every step sees exactly 32 x 128 tokens; the private run uses
 sample rate 1 (expected batch 32 of 32 records), so its Poisson batch is all
-32 every step. Steps run in blocks of ``--block`` (one trainer call each, like
-a round of local steps, so Opacus' attach/detach cost is included once per
-block), alternating plain and private blocks after one warm-up call of each,
-until each has ``--steps`` steps. The ratio is of the medians of per-step
-block times. Goal: at most 1.25.
+32 every step. After one warm-up call of each, the trainers run in adjacent
+pairs of calls of ``--block`` steps (Opacus attaches and detaches once per
+call, so its cost is included), alternating which goes first, until each has
+``--steps`` steps. The headline ratio is the median over pairs of private/plain
+time per step: adjacent pairs see the same load, which matters on a shared
+machine; the ratio of the fastest steps is printed beside it. Goal: at most 1.25.
 """
 
 from __future__ import annotations
@@ -71,10 +72,12 @@ def measure(steps: int, block: int, seed: int) -> dict[str, Any]:
     warm_plain, warm_private = timed(lambda: plain(1)), timed(lambda: private(1))
     plain_steps: list[float] = []
     private_steps: list[float] = []
-    for _ in range(max(1, steps // block)):
-        plain_steps.append(timed(lambda: plain(block)) / block)
-        private_steps.append(timed(lambda: private(block)) / block)
-    plain_median, private_median = statistics.median(plain_steps), statistics.median(private_steps)
+    for pair in range(max(1, steps // block)):
+        first, second = (plain, private) if pair % 2 == 0 else (private, plain)  # alternate who goes first
+        times = {first: timed(lambda: first(block)) / block, second: timed(lambda: second(block)) / block}
+        plain_steps.append(times[plain])
+        private_steps.append(times[private])
+    pair_ratios = [b / a for a, b in zip(plain_steps, private_steps)]
     return {
         "batch": BATCH,
         "sequence_length": LENGTH,
@@ -84,9 +87,12 @@ def measure(steps: int, block: int, seed: int) -> dict[str, Any]:
         "warmup_seconds": {"plain": warm_plain, "private": warm_private},
         "plain_step_seconds": plain_steps,
         "private_step_seconds": private_steps,
-        "plain_median": plain_median,
-        "private_median": private_median,
-        "ratio": private_median / plain_median,
+        "plain_median": statistics.median(plain_steps),
+        "private_median": statistics.median(private_steps),
+        "plain_min": min(plain_steps),
+        "private_min": min(private_steps),
+        "ratio": statistics.median(pair_ratios),
+        "ratio_of_minima": min(private_steps) / min(plain_steps),
         "goal": GOAL,
         "attach_detach_seconds": min(timed(attach_detach) for _ in range(3)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -112,7 +118,7 @@ def main() -> None:
     """Parse arguments, measure, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="measured steps per trainer (after warm-up)")
-    parser.add_argument("--block", type=int, default=5, help="steps per trainer call (a round's local steps)")
+    parser.add_argument("--block", type=int, default=1, help="steps per trainer call (Opacus attaches once per call)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_dp_step.json"))
@@ -124,12 +130,13 @@ def main() -> None:
     result = {**measure(args.steps, args.block, args.seed), **environment()}
     print(f"MiniLM + LoRA(query,value), batch {BATCH} x {LENGTH} tokens, {result['torch_threads']} torch threads, "
           f"{result['steps_each']} steps each in blocks of {result['block']}")
-    print(f"{'trainer':<10}{'median s/step':>15}{'samples/s':>12}{'all s/step':>40}")
+    print(f"{'trainer':<10}{'median s/step':>15}{'min s/step':>12}{'samples/s':>11}  all s/step")
     for name in ("plain", "private"):
         median, each = result[f"{name}_median"], result[f"{name}_step_seconds"]
-        print(f"{name:<10}{median:>15.3f}{BATCH / median:>12.1f}{' '.join(f'{s:.3f}' for s in each):>40}")
+        print(f"{name:<10}{median:>15.3f}{min(each):>12.3f}{BATCH / median:>11.1f}  {' '.join(f'{s:.2f}' for s in each)}")
     verdict = "meets" if result["ratio"] <= GOAL else "misses"
-    print(f"ratio private/plain {result['ratio']:.3f} ({verdict} the goal <= {GOAL}); "
+    print(f"ratio private/plain {result['ratio']:.3f} (median of adjacent pairs; {verdict} the goal <= {GOAL}), "
+          f"of minima {result['ratio_of_minima']:.3f}; "
           f"attach+detach {result['attach_detach_seconds'] * 1000:.1f} ms per call; "
           f"peak RSS {result['peak_rss_mb']:.0f} MB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
