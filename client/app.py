@@ -12,8 +12,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.head_features import adapter_is_identity, evaluate_head, head_module
-from client.local_training import evaluate
+from client.head_features import evaluate_head, head_module
 from client.site_runtime import SiteRuntime, site_runtime
 from client.site_state import site_state
 from client.site_trainer import RoundInstructions, cached_head_inputs, train_round
@@ -23,15 +22,15 @@ from strategies.site_strategy import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECOR
 app = ClientApp()
 
 
-def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, dict, bool]:
-    """Parse configs, load data and model, install the received adapter; says whether it is the identity."""
+def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, dict]:
+    """Parse configs, load data and model, install the received adapter."""
     configure_torch_threads()
     runtime = site_runtime(context.run_config, context.node_config)
     received = msg.content.array_records.get(ARRAYS_RECORD, ArrayRecord())
     arrays = to_numpy(received) if len(received) else runtime.adapter.initial_state
     set_trainable_arrays(runtime.adapter.model, arrays)
     round_config = dict(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()))
-    return runtime, round_config, adapter_is_identity(arrays)
+    return runtime, round_config
 
 
 def _site_record(runtime: SiteRuntime, status: str, reason: str = "") -> ConfigRecord:
@@ -42,7 +41,7 @@ def _site_record(runtime: SiteRuntime, status: str, reason: str = "") -> ConfigR
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter on this site's private training split (or decline, with the reason)."""
-    runtime, round_config, _ = _prepare(msg, context)
+    runtime, round_config = _prepare(msg, context)
     state = site_state(context.node_config, str(round_config.get("run-dir", "")), runtime.data.name)
     result = train_round(runtime, RoundInstructions.from_config(round_config), state)
     metrics = MetricRecord({"num-examples": len(runtime.data.train), **result.metrics})
@@ -56,16 +55,14 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this site's own test split.
 
-    While the adapter is the identity (the probe phase) the head runs on the
-    cached head inputs of the test split: the same numbers, without a forward
-    pass of the transformer.
+    The head runs on the test split's head inputs, cached per adapter state:
+    the same numbers as a full forward pass (tests/test_head_features.py),
+    and no transformer pass at all while the LoRA factors stay unchanged (the
+    probe phase).
     """
-    runtime, _, identity = _prepare(msg, context)
-    if identity:
-        outcome = evaluate_head(head_module(runtime.adapter.model), cached_head_inputs(runtime, "test"),
-                                runtime.data.test.labels)
-    else:
-        outcome = evaluate(runtime.adapter.model, runtime.data.test, runtime.config.eval_batch_size)
+    runtime, _ = _prepare(msg, context)
+    outcome = evaluate_head(head_module(runtime.adapter.model), cached_head_inputs(runtime, "test"),
+                            runtime.data.test.labels)
     metrics = MetricRecord({"num-examples": outcome.examples, "eval-loss": outcome.loss,
                             "accuracy": outcome.accuracy, "eval-seconds": outcome.seconds})
     content = RecordDict({METRICS_RECORD: metrics, SITE_RECORD: _site_record(runtime, "evaluated")})

@@ -1,10 +1,12 @@
-"""The classification head's inputs, computed once by the frozen model and reused.
+"""The classification head's inputs, computed once per adapter state and reused.
 
-While every LoRA B factor is zero the adapter is the identity, so the input the
-head sees for a text never changes: the site embeds its split once and trains
-or evaluates the head on the cached vectors (the linear-probe phase of the
-private recipe). This works for any architecture: the cache is whatever
-tensor enters the head module (BERT: the pooler output).
+The input the head sees for a text depends only on the frozen base and the
+LoRA factors. While those stay fixed (the probe phase, where only the head
+trains, and every evaluation of a given global adapter) the site embeds a
+split once and trains or evaluates the head on the cached vectors. The cache
+is keyed by a fingerprint of the LoRA tensors, so it is recomputed exactly
+when the adapter changes. This works for any architecture: the cache is
+whatever tensor enters the head module (BERT: the pooler output).
 
 Privacy: computing features is a local transformation of the site's own data;
 nothing leaves the site and nothing is released, so it spends no budget. Only
@@ -13,6 +15,7 @@ the head trained on them with DP-SGD is released, through the ledger.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, Mapping
 
@@ -31,10 +34,14 @@ def head_module(model: Any) -> torch.nn.Module:
     raise ValueError("the model has no trainable head (modules_to_save); build it with task_type SEQ_CLS")
 
 
-def adapter_is_identity(arrays: Mapping[str, np.ndarray]) -> bool:
-    """True when every LoRA B factor is zero, so the adapted model equals the base model."""
-    factors = [v for k, v in arrays.items() if "lora_B" in k]
-    return bool(factors) and all(not np.any(v) for v in factors)
+def adapter_fingerprint(model: Any) -> str:
+    """A digest of the LoRA tensors (not the head): equal digests mean equal head inputs."""
+    digest = hashlib.sha1()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()

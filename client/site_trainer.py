@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from client.dp_training import train_private, train_private_features
-from client.head_features import head_inputs, head_module
+from client.head_features import adapter_fingerprint, head_inputs, head_module
 from client.local_training import train_plain
 from client.noise_plan import Segment, load_or_calibrate
 from client.privacy_ledger import PrivacyLedger
@@ -62,16 +62,23 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-_FEATURES: dict[tuple, torch.Tensor] = {}
+_FEATURES: dict[tuple, tuple[str, torch.Tensor]] = {}
 
 
 def cached_head_inputs(runtime: SiteRuntime, split: str) -> torch.Tensor:
-    """The frozen model's head inputs for a split, computed once per process."""
+    """The head inputs of a split under the current adapter; recomputed only when the LoRA tensors change.
+
+    One entry per site and split is kept (the latest adapter), so memory stays
+    at one copy of each split's vectors.
+    """
     key = (id(runtime.adapter), runtime.data.name, split, runtime.config.max_length, runtime.config.dataset)
-    if key not in _FEATURES:
+    fingerprint = adapter_fingerprint(runtime.adapter.model)
+    cached = _FEATURES.get(key)
+    if cached is None or cached[0] != fingerprint:
         data = runtime.data.train if split == "train" else runtime.data.test
-        _FEATURES[key] = head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size)
-    return _FEATURES[key]
+        cached = (fingerprint, head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size))
+        _FEATURES[key] = cached
+    return cached[1]
 
 
 def planned_segments(runtime: SiteRuntime, instructions: RoundInstructions) -> list[Segment]:

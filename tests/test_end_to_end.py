@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.integration
 def test_flwr_run_writes_a_complete_run_directory(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = (f"model='{tiny_model_dir}' num-sites=2 num-rounds=2 local-steps=2 batch-size=8 max-length=32 "
+    # Two rounds: one private probe round (head on cached features), one private LoRA round.
+    overrides = (f"model='{tiny_model_dir}' num-sites=2 probe-rounds=1 probe-steps=3 probe-batch-size=8 "
+                 f"num-rounds=1 local-steps=2 batch-size=8 max-length=32 "
                  f"max-train-examples=24 max-test-examples=12 output-dir='{run_dir}'")
     done = subprocess.run([sys.executable, "-m", "simulations.run", "--run-config", overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -54,3 +56,7 @@ def test_flwr_run_writes_a_complete_run_directory(tiny_model_dir, tmp_path):
         accuracies.append(accuracy)
     assert float(np.mean(accuracies)) == pytest.approx(summary["accuracy"], abs=1e-9)
     assert (run_dir / "checkpoint" / "global.npz").exists()
+    for site, privacy in summary["privacy"].items():
+        assert 0 < privacy["epsilon"] <= config.target_epsilon
+        assert privacy["steps"] == 3 + 2 and privacy["accountant"] == "prv" and not privacy["stopped_for_budget"]
+        assert (run_dir / "sites" / site / "privacy_ledger.json").exists()

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from client.head_features import adapter_is_identity, evaluate_head, head_inputs, head_module
+from client.head_features import adapter_fingerprint, evaluate_head, head_inputs, head_module
 from client.local_training import encode, evaluate
 from fedcl.model_factory import load_adapter_model, trainable_arrays
 from fedcl.run_config import RunConfig
@@ -18,7 +18,10 @@ LABELS = np.array([0, 3, 4, 2, 1, 0])
 def test_head_on_cached_inputs_equals_the_full_model(tiny_model_dir):
     config = dataclasses.replace(RunConfig(model=str(tiny_model_dir), max_length=16), seed=3)
     adapter = load_adapter_model(config, num_labels=5)
-    assert adapter_is_identity(adapter.initial_state)
+    with torch.no_grad():  # a non-identity adapter: B off zero
+        for name, param in adapter.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
     data = encode(adapter.tokenizer, TEXTS, LABELS, config.max_length)
     features = head_inputs(adapter.model, data, batch_size=4)
     assert features.shape == (len(TEXTS), 32)
@@ -31,8 +34,13 @@ def test_head_on_cached_inputs_equals_the_full_model(tiny_model_dir):
     assert abs(cached.loss - full.loss) < 1e-5
 
 
-def test_identity_check_sees_a_nonzero_b_factor(tiny_model_dir):
-    arrays = dict(load_adapter_model(RunConfig(model=str(tiny_model_dir), max_length=16), num_labels=5).initial_state)
-    name = next(k for k in arrays if "lora_B" in k)
-    arrays[name] = arrays[name] + 1e-3
-    assert not adapter_is_identity(arrays)
+def test_fingerprint_follows_lora_tensors_not_the_head(tiny_model_dir):
+    model = load_adapter_model(RunConfig(model=str(tiny_model_dir), max_length=16, seed=9), num_labels=5).model
+    params = dict(model.named_parameters())
+    before = adapter_fingerprint(model)
+    with torch.no_grad():
+        next(p for n, p in params.items() if "modules_to_save" in n).add_(1.0)
+    assert adapter_fingerprint(model) == before  # the head does not change the head's inputs
+    with torch.no_grad():
+        next(p for n, p in params.items() if "lora_B" in n).add_(1e-3)
+    assert adapter_fingerprint(model) != before
