@@ -28,7 +28,7 @@ from client.dp_training import train_private, train_private_features
 from client.head_features import adapter_fingerprint, head_inputs, head_module
 from client.local_training import train_plain
 from client.noise_plan import Segment, load_or_calibrate
-from client.privacy_ledger import PrivacyLedger
+from client.privacy_ledger import LedgerError, PrivacyLedger
 from client.site_runtime import SiteRuntime
 from client.site_state import SiteState
 
@@ -97,10 +97,10 @@ def train_round(runtime: SiteRuntime, instructions: RoundInstructions, state: Si
     config = runtime.config
     if not config.dp:
         return _train(runtime, instructions, noise_multiplier=0.0, max_grad_norm=UNBOUNDED_CLIP, private=False)
-    ledger = PrivacyLedger.load_or_create(state.ledger, target_epsilon=config.target_epsilon, delta=config.delta,
-                                          accountant=config.accountant)
+    ledger = open_ledger(state, config)
     segments = planned_segments(runtime, instructions)
-    sample_rate, steps = segments[0]
+    sample_rate = segments[0][0]  # this round's phase comes first in the plan
+    steps = config.probe_steps if instructions.phase == PROBE else config.local_steps  # this round only
     if config.noise_multiplier > 0:
         sigma = config.noise_multiplier
     else:
@@ -118,6 +118,25 @@ def train_round(runtime: SiteRuntime, instructions: RoundInstructions, state: Si
     result.metrics.update({"epsilon": ledger.epsilon(), "stopped-for-budget": 0,
                            **_privacy_metrics(ledger, sigma, sample_rate, config)})
     return result
+
+
+def open_ledger(state: SiteState, config: Any) -> PrivacyLedger:
+    """Load the site's ledger from disk (never from memory); create it only for a site that never trained.
+
+    A site that has a noise plan but no ledger has lost its ledger: it refuses
+    to train rather than start again from zero. A new ledger is written at once,
+    before any other state, so that this check holds after any crash.
+    """
+    if not state.ledger.exists():
+        if state.noise_plan.exists():
+            raise LedgerError(
+                f"privacy ledger {state.ledger} is missing but {state.noise_plan} shows the site has trained; "
+                "restore the state directory from its backup (a site must never restart its budget from zero)")
+        ledger = PrivacyLedger(target_epsilon=config.target_epsilon, delta=config.delta, accountant=config.accountant)
+        ledger.save(state.ledger)
+        return ledger
+    return PrivacyLedger.load(state.ledger, target_epsilon=config.target_epsilon, delta=config.delta,
+                              accountant=config.accountant)
 
 
 def _privacy_metrics(ledger: PrivacyLedger, sigma: float, sample_rate: float, config: Any) -> dict[str, float]:
