@@ -73,7 +73,31 @@ def preflight(config: RunConfig) -> None:
     data = load_dataset(config)
     if len(data.label_names) < 2:
         raise ConfigError(f"config key 'label-column' = {config.label_column!r}: only one label value; a classifier needs two or more")
-    split_sites(data.labels, data.groups, config)
+    sites = split_sites(data.labels, data.groups, config)
+    if config.dp:
+        check_budget_covers_one_round(config, min(len(site.train) for site in sites))
+
+
+def check_budget_covers_one_round(config: RunConfig, smallest_site: int) -> None:
+    """Refuse a budget that cannot pay for even the first round at the smallest site, naming what would."""
+    from client.privacy_ledger import BudgetError, compute_epsilon, require_budget_for_one_round
+
+    first_probe = config.probe_phase_rounds > 0
+    batch, steps = (config.probe_batch_size, config.probe_steps) if first_probe else (config.batch_size, config.local_steps)
+    sample_rate = min(1.0, batch / smallest_site)
+    if config.noise_multiplier == 0:
+        try:
+            require_budget_for_one_round(config.target_epsilon, config.delta, sample_rate, steps, config.accountant)
+        except BudgetError as err:
+            message = str(err).replace("local-steps", "probe-steps") if first_probe else str(err)
+            raise ConfigError(f"config key 'target-epsilon' = {config.target_epsilon!r}: {message}") from err
+        return
+    cost = compute_epsilon([(config.noise_multiplier, sample_rate, steps)], config.delta, config.accountant)
+    if cost > config.target_epsilon:
+        raise ConfigError(
+            f"config key 'target-epsilon' = {config.target_epsilon!r}: one round ({steps} steps at sample rate "
+            f"{sample_rate:.3g}, noise-multiplier {config.noise_multiplier}) costs epsilon {cost:.3f}; the smallest "
+            f"workable setting is target-epsilon >= {cost:.3f}, or raise noise-multiplier, or take fewer steps")
 
 
 def _toml_value(value: Any) -> str:

@@ -20,6 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
         ("dataset='missing.csv'", "no such file"),
         ("model='./models/absent'", "'model' = "),
         ("num-sites=5000", "'num-sites' = 5000"),
+        ("delta=1.5", "'delta' = 1.5: use 0 < delta < 1"),
+        ("target-epsilon=0", "'target-epsilon' = 0.0"),
+        ("max-grad-norm=0", "'max-grad-norm' = 0.0"),
+        ("target-epsilon=0.05", "smallest workable setting is target-epsilon >= 0."),
+        ("target-epsilon=0.3 noise-multiplier=1.0", "smallest workable setting is target-epsilon >= 11."),
     ],
 )
 def test_config_errors_print_one_line(overrides, expected, capsys, tmp_path, monkeypatch):
