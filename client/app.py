@@ -9,15 +9,16 @@ adapter and evaluate on the site's own test split.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.head_features import evaluate_head, head_module
 from client.site_runtime import SiteRuntime, site_runtime
-from client.site_state import site_state
+from client.site_state import keep_private_metrics, site_state
 from client.site_trainer import RoundInstructions, cached_head_inputs, train_round
-from fedcl.model_factory import configure_torch_threads, set_trainable_arrays, trainable_arrays
-from strategies.site_strategy import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, SITE_RECORD, to_numpy, to_record
+from client.update_codec import install_global, received_arrays, reply_arrays, strategy_freezing
+from fedcl.model_factory import configure_torch_threads
+from strategies.site_strategy import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, SITE_RECORD, to_record
 
 app = ClientApp()
 
@@ -26,9 +27,7 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, dict]:
     """Parse configs, load data and model, install the received adapter."""
     configure_torch_threads()
     runtime = site_runtime(context.run_config, context.node_config)
-    received = msg.content.array_records.get(ARRAYS_RECORD, ArrayRecord())
-    arrays = to_numpy(received) if len(received) else runtime.adapter.initial_state
-    set_trainable_arrays(runtime.adapter.model, arrays)
+    install_global(runtime, received_arrays(msg, runtime))  # decoded; FFA: A from the seeded state
     round_config = dict(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()))
     return runtime, round_config
 
@@ -43,11 +42,14 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received adapter on this site's private training split (or decline, with the reason)."""
     runtime, round_config = _prepare(msg, context)
     state = site_state(context.node_config, str(round_config.get("run-dir", "")), runtime.data.name)
-    result = train_round(runtime, RoundInstructions.from_config(round_config), state)
-    metrics = MetricRecord({"num-examples": len(runtime.data.train), **result.metrics})
+    with strategy_freezing(runtime):  # FFA: lora_A frozen while training
+        result = train_round(runtime, RoundInstructions.from_config(round_config), state)
+    released = keep_private_metrics(result.metrics, state, int(round_config.get("server-round", 0))) \
+        if runtime.config.dp else result.metrics
+    metrics = MetricRecord({"num-examples": len(runtime.data.train), **released})
     content = RecordDict({METRICS_RECORD: metrics, SITE_RECORD: _site_record(runtime, result.status, result.reason)})
     if result.status == "trained":
-        content[ARRAYS_RECORD] = to_record(trainable_arrays(runtime.adapter.model))
+        content[ARRAYS_RECORD] = to_record(reply_arrays(runtime, received_arrays(msg, runtime)))
     return Message(content=content, reply_to=msg)
 
 

@@ -7,6 +7,7 @@ and back it up: it holds the privacy ledger). In a simulation each site gets
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +32,23 @@ class SiteState:
     def cache(self, name: str) -> Path:
         """A file of derived local data (e.g. cached features); safe to delete."""
         return self.folder / "cache" / name
+
+
+PRIVATE_METRICS = ("train-loss",)  # computed from private records without noise: never leave the site under DP
+
+
+def keep_private_metrics(metrics: Mapping[str, float], state: SiteState, server_round: int) -> dict[str, float]:
+    """Append the metrics DP does not cover to the site's local log; return the ones that may be released.
+
+    The training loss is an average over the site's private batch with no
+    noise: sending it would leak outside the ledger, so under DP it stays in
+    ``<state-dir>/local_metrics.jsonl`` for the site operator.
+    """
+    kept = {k: v for k, v in metrics.items() if k in PRIVATE_METRICS}
+    if kept:
+        with (state.folder / "local_metrics.jsonl").open("a", encoding="utf-8") as log:
+            log.write(json.dumps({"round": server_round, **kept}) + "\n")
+    return {k: v for k, v in metrics.items() if k not in PRIVATE_METRICS}
 
 
 def site_state(node_config: Mapping[str, Any], run_dir: str, site_name: str) -> SiteState:
