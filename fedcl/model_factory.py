@@ -134,12 +134,19 @@ def trainable_arrays(model: Any) -> dict[str, np.ndarray]:
     }
 
 
-def set_trainable_arrays(model: Any, arrays: dict[str, np.ndarray]) -> None:
-    """Overwrite the trainable tensors from ``arrays``; names and shapes must match exactly."""
+def set_trainable_arrays(model: Any, arrays: dict[str, np.ndarray], partial: bool = False) -> None:
+    """Overwrite the trainable tensors from ``arrays``; names and shapes must match exactly.
+
+    With ``partial=True`` a trainable tensor missing from ``arrays`` keeps its
+    current value (FFA-LoRA: the frozen A factors never travel); an unknown
+    name is still an error.
+    """
     import torch
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = set(params) - set(arrays), set(arrays) - set(params)
+    if partial:
+        params, missing = {name: p for name, p in params.items() if name in arrays}, set()
     if missing or unexpected:
         raise ValueError(
             f"adapter tensors do not match the model: missing {sorted(missing)[:3]}, unexpected "

@@ -13,9 +13,17 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 PARTITIONS = ("iid", "dirichlet", "group")
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "ffa", "exact")  # the same names as strategies.registry (tests/test_strategy_setup.py checks)
+ROBUST_MODES = ("none", "validate", "clip", "median", "trimmed-mean")
+SERVER_OPTIMIZERS = ("none", "adam", "yogi")
+COMPRESSIONS = ("none", "fp16", "int8")
+ATTACKS = ("none", "scale", "sign-flip")
 ACCOUNTANTS = ("prv", "rdp")
-RECIPES = ("probe-then-lora", "lora")
+RECIPES = ("probe-then-lora", "lora", "ncm")
+STREAMS = ("none", "class-incremental", "domain-incremental")  # simulations/streams.py builds them
+STREAM_UNITS = ("label", "group")
+REPLAY_POLICIES = ("reservoir", "class-balanced")  # client/replay_buffer.py
+EWC_MODES = ("separate", "online")  # client/ewc.py
 
 
 class ConfigError(ValueError):
@@ -53,6 +61,18 @@ class RunConfig:
     num_rounds: int = 2  # LoRA rounds (after the probe phase of the probe-then-lora recipe)
     strategy: str = "fedavg"
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
+    # --- aggregation (strategies/): robustness, server optimiser, wire codec
+    robust: str = "validate"  # check every reply (keys, shapes, finite, norm) first: free for honest sites
+    max_update_norm: float = 0.0  # bound on a reply's L2 distance from the global adapter (0 = none); robust "clip": the clip bound
+    max_norm_ratio: float = 10.0  # reject an update norm above this multiple of the median one (>= 3 replies); 0 = off
+    trim_fraction: float = 0.2  # robust "trimmed-mean": share cut at each end per coordinate (0.2 cuts 1 of 5 sites)
+    server_optimizer: str = "none"  # none | adam | yogi: FedAdam/FedYogi on the aggregate (fedavg and ffa)
+    server_learning_rate: float = 1e-2  # weight units: a first server step moves a coordinate by about this much
+    compression: str = "none"  # none | fp16 | int8 on the adapter tensors, both directions
+    # --- simulation-only fault injection (client/fault_injection.py): never set in a deployment
+    attack: str = "none"  # none | scale | sign-flip: site number attack-site sends a corrupted update
+    attack_site: int = 0
+    attack_scale: float = 100.0  # the corrupted update is +attack-scale (scale) or -attack-scale (sign-flip) x the honest one
     # --- local training ----------------------------------------------------
     local_steps: int = 5  # optimiser steps per site per round
     batch_size: int = 16
@@ -71,6 +91,20 @@ class RunConfig:
     probe_steps: int = 40  # DP-SGD steps per site per probe round (each costs milliseconds)
     probe_batch_size: int = 128  # expected Poisson batch of the probe (larger batches: less noise per signal)
     probe_learning_rate: float = 0.25  # SGD, momentum 0.9, on a zero-initialised head
+    # --- continual learning (fedcl/experience_schedule.py, client/continual_round.py)
+    stream: str = "none"  # none | class-incremental | domain-incremental
+    stream_by: str = "label"  # label | group: experiences are sets of labels or of group-column values
+    num_experiences: int = 0  # 0: one per stream-groups entry, or per group value with stream-by = group
+    stream_groups: str = ""  # explicit experiences, "a,b;c,d;e" (every label or group value exactly once)
+    site_offsets: str = ""  # experiences each site starts late, e.g. "0,0,1"; empty: every site on time
+    joint: bool = False  # upper bound: all experiences at once (same rounds), evaluated per experience
+    replay_size: int = 0  # records a site keeps from past experiences and trains on again (0 = off)
+    replay_policy: str = "reservoir"  # reservoir (uniform over the past) | class-balanced
+    ewc_lambda: float = 0.0  # EWC strength (0 = off); the penalty gradient is added after DP noise
+    ewc_mode: str = "separate"  # separate (one term per experience) | online (decayed sum)
+    ewc_decay: float = 1.0  # online EWC: weight of the old importances at each new experience
+    ewc_importance_batches: int = 10  # Poisson batches of the private importance estimate (ledger steps)
+    ewc_importance_noise: float = 0.0  # noise multiplier of that estimate; 0: the calibrated DP-SGD one
     # --- output ------------------------------------------------------------
     output_dir: str = ""  # empty: runs/<timestamp>
 
@@ -94,8 +128,7 @@ class RunConfig:
         _non_negative_int("max-train-examples", self.max_train_examples)
         _non_negative_int("max-test-examples", self.max_test_examples)
         _non_negative_int("num-rounds", self.num_rounds)
-        if self.strategy not in STRATEGIES:
-            _fail("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
+        _check_aggregation(self)
         if self.round_timeout <= 0:
             _fail("round-timeout", self.round_timeout, "use a positive number of seconds")
         _positive_int("local-steps", self.local_steps)
@@ -116,12 +149,13 @@ class RunConfig:
         if self.recipe not in RECIPES:
             _fail("recipe", self.recipe, f"use one of {', '.join(RECIPES)}")
         _non_negative_int("probe-rounds", self.probe_rounds)
-        if self.total_rounds < 1:
+        if self.recipe != "ncm" and self.total_rounds < 1:
             _fail("num-rounds", self.num_rounds, "run at least one round: num-rounds >= 1, or probe-rounds >= 1 with the probe recipe")
         _positive_int("probe-steps", self.probe_steps)
         _positive_int("probe-batch-size", self.probe_batch_size)
         if self.probe_learning_rate <= 0:
             _fail("probe-learning-rate", self.probe_learning_rate, "use a positive learning rate, e.g. 0.5")
+        _check_continual(self)
 
     @property
     def target_modules(self) -> list[str]:
@@ -138,6 +172,18 @@ class RunConfig:
         """All rounds of the run: the probe phase, then ``num-rounds`` LoRA rounds."""
         return self.probe_phase_rounds + self.num_rounds
 
+    @property
+    def continual(self) -> bool:
+        """True when rounds follow the experience schedule (a stream, or the nearest-class-mean recipe)."""
+        return self.stream != "none" or self.recipe == "ncm"
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """``site-offsets`` parsed: per site, the experiences it starts late."""
+        from fedcl.experience_schedule import parse_offsets
+
+        return parse_offsets(self.site_offsets, self.num_sites)
+
     def to_flat(self) -> dict[str, Any]:
         """The config as Flower's flat kebab-case mapping (the inverse of parsing)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -151,6 +197,72 @@ def _positive_int(key: str, value: int) -> None:
 def _non_negative_int(key: str, value: int) -> None:
     if value < 0:
         _fail(key, value, "use 0 (no limit) or a positive whole number")
+
+
+def _check_aggregation(config: RunConfig) -> None:
+    """The aggregation, robustness, compression and fault-injection keys, and their conflicts."""
+    for key, value, choices in (("strategy", config.strategy, STRATEGIES), ("robust", config.robust, ROBUST_MODES),
+                                ("server-optimizer", config.server_optimizer, SERVER_OPTIMIZERS),
+                                ("compression", config.compression, COMPRESSIONS), ("attack", config.attack, ATTACKS)):
+        if value not in choices:
+            _fail(key, value, f"use one of {', '.join(choices)}")
+    if config.max_update_norm < 0:
+        _fail("max-update-norm", config.max_update_norm, "use 0 (no bound) or a positive L2 bound, e.g. 1.0")
+    if config.robust == "clip" and config.max_update_norm <= 0:
+        _fail("max-update-norm", config.max_update_norm, 'robust = "clip" scales every update down to this bound: '
+              "set a positive bound, e.g. 1.0, or use robust = \"validate\"")
+    if config.max_norm_ratio != 0 and not config.max_norm_ratio > 1:
+        _fail("max-norm-ratio", config.max_norm_ratio, "use 0 (off) or a ratio above 1, e.g. 10.0")
+    if not 0.0 <= config.trim_fraction < 0.5:
+        _fail("trim-fraction", config.trim_fraction, "use a value in [0, 0.5), e.g. 0.2")
+    if config.robust == "trimmed-mean" and int(config.trim_fraction * config.num_sites) == 0:
+        _fail("trim-fraction", config.trim_fraction, f"cuts no site out of {config.num_sites}: use at least "
+              f"1/num-sites = {1 / config.num_sites:.3g} (below 0.5, so at least 3 sites), or robust = \"median\"")
+    if config.strategy == "exact" and config.robust in ("median", "trimmed-mean"):
+        _fail("robust", config.robust, "exact averages the products B_i A_i, not tensors: use validate or clip with "
+              "exact, or strategy fedavg or ffa for a median or trimmed mean")
+    if config.strategy == "exact" and config.server_optimizer != "none":
+        _fail("server-optimizer", config.server_optimizer, "exact re-factorises in a new basis every round: use none "
+              "with exact, or strategy fedavg or ffa for adam/yogi")
+    if not config.server_learning_rate > 0:
+        _fail("server-learning-rate", config.server_learning_rate, "use a positive learning rate, e.g. 0.01")
+    if config.attack != "none" and not 0 <= config.attack_site < config.num_sites:
+        _fail("attack-site", config.attack_site, f"use a site number 0 .. {config.num_sites - 1}")
+    if not config.attack_scale > 0:
+        _fail("attack-scale", config.attack_scale, "use a positive factor, e.g. 100.0")
+
+
+def _check_continual(config: RunConfig) -> None:
+    """The stream, replay and EWC keys, and their conflicts (data-dependent checks: simulations/continual_setup.py)."""
+    for key, value, choices in (("stream", config.stream, STREAMS), ("stream-by", config.stream_by, STREAM_UNITS),
+                                ("replay-policy", config.replay_policy, REPLAY_POLICIES),
+                                ("ewc-mode", config.ewc_mode, EWC_MODES)):
+        if value not in choices:
+            _fail(key, value, f"use one of {', '.join(choices)}")
+    _non_negative_int("num-experiences", config.num_experiences)
+    _non_negative_int("replay-size", config.replay_size)
+    _positive_int("ewc-importance-batches", config.ewc_importance_batches)
+    if not 0.0 <= config.ewc_lambda < float("inf"):
+        _fail("ewc-lambda", config.ewc_lambda, "use 0 (off) or a positive finite strength, e.g. 100")
+    if not 0.0 < config.ewc_decay <= 1.0:
+        _fail("ewc-decay", config.ewc_decay, "use a value in (0, 1] (1 = no decay)")
+    if not 0.0 <= config.ewc_importance_noise < float("inf"):
+        _fail("ewc-importance-noise", config.ewc_importance_noise, "use 0 (the calibrated noise) or a positive multiplier")
+    offsets = config.offsets  # raises on a malformed list
+    if config.stream == "none":
+        for key, value, off in (("replay-size", config.replay_size, 0), ("ewc-lambda", config.ewc_lambda, 0.0),
+                                ("joint", config.joint, False), ("site-offsets", config.site_offsets, "")):
+            if value != off:
+                _fail(key, value, "needs a stream of experiences: set stream = class-incremental or "
+                      f"domain-incremental, or {key} = {str(off).lower() if isinstance(off, bool) else repr(off)}")
+    if config.recipe == "ncm":
+        for key, value in (("replay-size", config.replay_size), ("ewc-lambda", config.ewc_lambda),
+                           ("joint", config.joint)):
+            if value:
+                _fail(key, value, "the nearest-class-mean recipe trains nothing (it releases class sums once per "
+                      "experience and never forgets): set it to 0/false, or use recipe probe-then-lora or lora")
+    if config.joint and any(offsets):
+        _fail("site-offsets", config.site_offsets, "joint trains every experience at once: leave site-offsets empty")
 
 
 def config_keys() -> list[str]:

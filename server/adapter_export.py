@@ -25,7 +25,7 @@ def export_adapter(folder: Path, config: RunConfig, arrays: dict[str, np.ndarray
     .from_pretrained(base, num_labels=K), folder)``.
     """
     adapter = load_adapter_model(config, num_labels=head_size(arrays))
-    set_trainable_arrays(adapter.model, arrays)
+    set_trainable_arrays(adapter.model, arrays, partial=config.strategy == "ffa")  # FFA: A is the seeded one
     adapter.model.save_pretrained(str(folder))
     adapter.tokenizer.save_pretrained(str(folder))
     (folder / "BASE_MODEL.txt").write_text(resolve_model_path(config.model) + "\n", encoding="utf-8")

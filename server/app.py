@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 from server.adapter_export import export_adapter
 from server.run_report import RunReport, save_arrays_atomic
-from strategies.fedavg import FedAvgAggregator
+from server.strategy_setup import aggregation_summary, build_strategy, save_strategy_state
 from strategies.site_strategy import SiteStrategy, to_numpy
 
 app = ServerApp()
@@ -75,10 +75,9 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     """Run ``num-rounds`` rounds over ``num-sites`` sites; returns the run directory."""
     run_dir = resolve_run_dir(config)
     report = RunReport(run_dir, config.to_flat())
-    strategy = SiteStrategy(FedAvgAggregator(), num_sites=config.num_sites,
-                            round_config=lambda server_round: round_schedule(config, server_round))
+    strategy = build_strategy(config, round_config=lambda server_round: round_schedule(config, server_round))
     log(INFO, "fedcl: run directory %s", run_dir)
-    state = {"bytes_before_round": 0, "round_started": time.time()}
+    state = {"round_started": time.time()}
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -86,10 +85,12 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             return None
         rows = report.add_round(server_round, strategy.train_replies.get(server_round, []),
                                 strategy.evaluate_replies.get(server_round, []),
-                                bytes_down_train=state["bytes_before_round"], bytes_down_eval=arrays.count_bytes())
-        state["bytes_before_round"] = arrays.count_bytes()
+                                bytes_down_train=strategy.bytes_down.get((server_round, "train"), 0),
+                                bytes_down_eval=strategy.bytes_down.get((server_round, "evaluate"), 0),
+                                extra=strategy.round_diagnostics.get(server_round))
         if len(arrays):
             save_arrays_atomic(run_dir / "checkpoint" / "global.npz", to_numpy(arrays))
+            save_strategy_state(run_dir / "checkpoint", strategy)
         accuracies = {r["site"]: r["accuracy"] for r in rows if r.get("accuracy") is not None}
         mean = sum(accuracies.values()) / len(accuracies) if accuracies else float("nan")
         epsilons = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
@@ -115,6 +116,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     labels = next((r.info.get("label-names") for replies in strategy.train_replies.values() for r in replies
                    if r.info.get("label-names")), None)
     summary = report.summary(base_bytes, {"label_names": list(labels) if labels else None,
-                                          "privacy": privacy_summary(config, strategy)})
+                                          "privacy": privacy_summary(config, strategy),
+                                          "aggregation": aggregation_summary(config, strategy)})
     log(INFO, "fedcl: final mean accuracy %s; report in %s", summary["accuracy"], run_dir / "summary.json")
     return run_dir

@@ -2,8 +2,18 @@
 
 For every LoRA layer the server forms the example-weighted mean of the sites'
 products M = sum_i w_i B_i A_i (dense, out x in, accumulated in float64) and returns the
-rank-r factors of its truncated SVD U S V^T, with the singular values split
-evenly: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T. When M has rank <= r (for
+rank-r factors of its truncated SVD U S V^T. A keeps the scale the sites' A
+had: A = a V_r^T and B = U_r S_r / a, with a the RMS row norm of the sites'
+weighted-mean A (so local training sees the same factor scales as under FedAvg
+and FFA: LoRA's B starts small and A at its initialisation scale, and DP
+clipping splits its budget between them the same way; with no A scale to keep,
+the singular values are split evenly, B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T).
+Components beyond M's numerical rank get a zero B column and an A row along
+the next right singular vector: B A is unchanged and those components can
+still train (with both factors zero their gradients would be zero forever).
+A layer whose M is exactly zero (every B_i = 0, e.g. the linear-probe phase)
+keeps the weighted means of its factors, i.e. the shared seeded A and B = 0,
+exactly as FedAvg would. When M has rank <= r (for
 example few sites, or sites whose updates share a subspace) B A reproduces M
 to float32 precision; otherwise B A is the best rank-r approximation
 (Eckart-Young). The head and any other tensor are averaged as in FedAvg.
@@ -68,16 +78,35 @@ def mean_product(b_stack: np.ndarray, a_stack: np.ndarray, weights: np.ndarray, 
     return total
 
 
-def truncated_factors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 factors B (out, rank) and A (rank, in) of the rank-``rank`` truncated SVD of ``matrix``."""
+RANK_TOLERANCE = 1e-7  # singular values below this fraction of the largest count as zero
+
+
+def truncated_factors(matrix: np.ndarray, rank: int, a_row_norm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 factors B (out, rank) and A (rank, in) of the rank-``rank`` truncated SVD of ``matrix``.
+
+    With ``a_row_norm`` > 0 every row of A is a right singular vector of that norm
+    and B carries the singular values; otherwise they are split evenly
+    (B = U sqrt(S), A = sqrt(S) V^T). Components beyond the numerical rank get a
+    zero B column (B A is unchanged) and, with ``a_row_norm``, a non-zero A row.
+    """
     u, s, vt = np.linalg.svd(matrix, full_matrices=False)
     keep = min(rank, len(s))
-    root = np.sqrt(s[:keep])
+    live = int(np.sum(s[:keep] > s[0] * RANK_TOLERANCE)) if keep and s[0] > 0 else 0
     b = np.zeros((matrix.shape[0], rank), dtype=np.float32)
     a = np.zeros((rank, matrix.shape[1]), dtype=np.float32)
-    b[:, :keep] = u[:, :keep] * root
-    a[:keep] = root[:, None] * vt[:keep]
+    if a_row_norm > 0:
+        b[:, :live] = u[:, :live] * (s[:live] / a_row_norm)
+        a[:keep] = a_row_norm * vt[:keep]
+    else:
+        root = np.sqrt(s[:live])
+        b[:, :live] = u[:, :live] * root
+        a[:live] = root[:, None] * vt[:live]
     return b, a
+
+
+def rms_row_norm(a_mean: np.ndarray) -> float:
+    """The root-mean-square row norm of an A factor (rank, in)."""
+    return float(np.sqrt(np.mean(np.sum(np.asarray(a_mean, dtype=np.float64) ** 2, axis=1))))
 
 
 class ExactAggregator:
@@ -110,7 +139,11 @@ class ExactAggregator:
             carried = self.residuals.get(key)
             if self.residual == "carry" and carried is not None and carried.shape == target.shape:
                 target += carried
-            result[b_name], result[a_name] = truncated_factors(target, a_stack.shape[1])
+            a_mean = weighted_mean(a_stack, weights)
+            if not np.any(target):  # no LoRA training yet: keep the (shared) factors, as FedAvg would
+                result[b_name], result[a_name] = weighted_mean(b_stack, weights), a_mean
+            else:
+                result[b_name], result[a_name] = truncated_factors(target, a_stack.shape[1], rms_row_norm(a_mean))
             rest = target - result[b_name].astype(np.float64) @ result[a_name].astype(np.float64)
             if self.residual == "carry":
                 self.residuals[key] = rest

@@ -110,3 +110,38 @@ def test_exact_rejects_unpaired_or_mismatched_factors() -> None:
         ExactAggregator().aggregate({}, [SiteUpdate("a", arrays, 1)])
     with pytest.raises(ValueError, match="residual mode"):
         ExactAggregator(residual="keep")
+
+
+def test_zero_products_keep_the_shared_factors_as_fedavg_would() -> None:
+    """The linear-probe phase: every B_i is zero, so the factors must pass through (zero A would freeze LoRA)."""
+    rng = np.random.default_rng(5)
+    base = random_adapter(rng)
+    for layer, module in LAYERS:
+        base[lora_name(layer, module, "B")][:] = 0.0
+    updates = [SiteUpdate(f"site-{i}", {**base, HEAD_W: base[HEAD_W] + i}, c) for i, c in enumerate(COUNTS)]
+    result = ExactAggregator().aggregate({}, updates)
+    for layer, module in LAYERS:
+        np.testing.assert_array_equal(result[lora_name(layer, module, "A")], base[lora_name(layer, module, "A")])
+        assert not np.any(result[lora_name(layer, module, "B")])
+
+
+def test_a_keeps_the_sites_scale_and_rank_deficient_components_stay_trainable() -> None:
+    rng = np.random.default_rng(6)
+    rank, out, inp = 4, 12, 10
+    updates = []
+    for i, count in enumerate(COUNTS):
+        arrays = random_adapter(rng, rank=rank, out=out, inp=inp)
+        for layer, module in LAYERS:  # every product has rank 1 in one shared direction: M has rank 1 < r
+            b = np.zeros((out, rank), np.float32)
+            b[:, 0] = rng.standard_normal(out)
+            arrays[lora_name(layer, module, "B")] = b
+            arrays[lora_name(layer, module, "A")][0] = np.linspace(1, 2, inp) * (i + 1)
+        updates.append(SiteUpdate(f"site-{i}", arrays, count))
+    result = ExactAggregator().aggregate({}, updates)
+    for layer, module in LAYERS:
+        a = result[lora_name(layer, module, "A")].astype(np.float64)
+        a_mean = weighted_sum([u.arrays[lora_name(layer, module, "A")] for u in updates], COUNTS)
+        target = np.sqrt(np.mean(np.sum(a_mean**2, axis=1)))
+        np.testing.assert_allclose(np.linalg.norm(a, axis=1), target, rtol=1e-5)  # every row, dead ones too
+        assert relative_error(_product(result, layer, module), _reference_product(updates, layer, module)) < 1e-5
+        assert not np.any(result[lora_name(layer, module, "B")][:, 1:])  # dead components: B column zero
