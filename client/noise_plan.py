@@ -40,7 +40,7 @@ def _priced(ledger: PrivacyLedger, sigma: float, segments: list[Segment], accoun
         return compute_epsilon([*ledger.history, *extra], ledger.delta, accountant)
 
 
-def calibrate(ledger: PrivacyLedger, segments: list[Segment], tolerance: float = 0.05) -> NoisePlan:
+def calibrate(ledger: PrivacyLedger, segments: list[Segment], tolerance: float = 0.1) -> NoisePlan:
     """The smallest noise multiplier that keeps history + ``segments`` within the target epsilon.
 
     Brackets with the fast RDP accountant (an upper bound of PRV's epsilon, so
