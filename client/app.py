@@ -12,7 +12,9 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.continual_round import experience_metrics, train_continual_round
 from client.head_features import evaluate_head, head_module
+from client.ncm_round import ncm_evaluate, ncm_train
 from client.site_runtime import SiteRuntime, site_runtime
 from client.site_state import keep_private_metrics, site_state
 from client.site_trainer import RoundInstructions, cached_head_inputs, train_round
@@ -40,10 +42,13 @@ def _site_record(runtime: SiteRuntime, status: str, reason: str = "") -> ConfigR
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter on this site's private training split (or decline, with the reason)."""
+    if context.run_config.get("recipe") == "ncm":  # releases class sums, not an adapter: client/ncm_round.py
+        return ncm_train(msg, context)
     runtime, round_config = _prepare(msg, context)
     state = site_state(context.node_config, str(round_config.get("run-dir", "")), runtime.data.name)
     with strategy_freezing(runtime):  # FFA: lora_A frozen while training
-        result = train_round(runtime, RoundInstructions.from_config(round_config), state)
+        result = (train_continual_round(runtime, round_config, state) if runtime.config.continual  # a stream
+                  else train_round(runtime, RoundInstructions.from_config(round_config), state))
     released = keep_private_metrics(result.metrics, state, int(round_config.get("server-round", 0))) \
         if runtime.config.dp else result.metrics
     metrics = MetricRecord({"num-examples": len(runtime.data.train), **released})
@@ -62,10 +67,13 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     and no transformer pass at all while the LoRA factors stay unchanged (the
     probe phase).
     """
-    runtime, _ = _prepare(msg, context)
+    if context.run_config.get("recipe") == "ncm":
+        return ncm_evaluate(msg, context)
+    runtime, round_config = _prepare(msg, context)
     outcome = evaluate_head(head_module(runtime.adapter.model), cached_head_inputs(runtime, "test"),
                             runtime.data.test.labels)
     metrics = MetricRecord({"num-examples": outcome.examples, "eval-loss": outcome.loss,
-                            "accuracy": outcome.accuracy, "eval-seconds": outcome.seconds})
+                            "accuracy": outcome.accuracy, "eval-seconds": outcome.seconds,
+                            **experience_metrics(runtime, round_config)})  # a stream: per-experience counts
     content = RecordDict({METRICS_RECORD: metrics, SITE_RECORD: _site_record(runtime, "evaluated")})
     return Message(content=content, reply_to=msg)

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 from server.adapter_export import export_adapter
+from server.continual_run import ContinualRun
 from server.run_report import RunReport, save_arrays_atomic
 from server.strategy_setup import aggregation_summary, build_strategy, save_strategy_state
 from strategies.site_strategy import SiteStrategy, to_numpy
@@ -75,7 +76,11 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     """Run ``num-rounds`` rounds over ``num-sites`` sites; returns the run directory."""
     run_dir = resolve_run_dir(config)
     report = RunReport(run_dir, config.to_flat())
-    strategy = build_strategy(config, round_config=lambda server_round: round_schedule(config, server_round))
+    continual = ContinualRun(config, run_dir) if config.continual else None  # stream of experiences, or ncm
+    schedule = continual.round_config if continual else (lambda server_round: round_schedule(config, server_round))
+    total_rounds = continual.total_rounds if continual else config.total_rounds
+    strategy = build_strategy(config, round_config=schedule)
+    strategy = continual.strategy(strategy) if continual else strategy
     log(INFO, "fedcl: run directory %s", run_dir)
     state = {"round_started": time.time()}
 
@@ -96,27 +101,30 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         epsilons = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
         spent = f"; epsilon spent up to {max(epsilons):.2f} of {config.target_epsilon}" if epsilons else ""
         log(INFO, "fedcl: round %d/%d (%s) done in %.1f s: mean accuracy %.3f (%s)%s", server_round,
-            config.total_rounds, round_schedule(config, server_round)["phase"], time.time() - state["round_started"],
+            total_rounds, schedule(server_round)["phase"], time.time() - state["round_started"],
             mean, ", ".join(f"{site} {acc:.3f}" for site, acc in sorted(accuracies.items())), spent)
+        if continual:  # after an experience's last round: a row of the accuracy matrix
+            continual.on_round_end(server_round, strategy.evaluate_replies.get(server_round, []))
         state["round_started"] = time.time()
         return MetricRecord({"mean-accuracy": mean})
 
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(),  # sites start from the same seeded adapter: nothing to send
-        num_rounds=config.total_rounds,
+        num_rounds=total_rounds,
         timeout=config.round_timeout,
         train_config=ConfigRecord({"run-dir": str(run_dir)}),
         evaluate_config=ConfigRecord({"run-dir": str(run_dir)}),
         evaluate_fn=on_round_end,
     )
     base_bytes = None
-    if len(result.arrays):
+    if len(result.arrays) and config.recipe != "ncm":  # ncm's global state is class sums, not an adapter
         base_bytes = export_adapter(run_dir / "adapter", config, to_numpy(result.arrays))
     labels = next((r.info.get("label-names") for replies in strategy.train_replies.values() for r in replies
                    if r.info.get("label-names")), None)
     summary = report.summary(base_bytes, {"label_names": list(labels) if labels else None,
                                           "privacy": privacy_summary(config, strategy),
-                                          "aggregation": aggregation_summary(config, strategy)})
+                                          "aggregation": aggregation_summary(config, strategy),
+                                          "continual": continual.summary() if continual else None})
     log(INFO, "fedcl: final mean accuracy %s; report in %s", summary["accuracy"], run_dir / "summary.json")
     return run_dir

@@ -74,6 +74,10 @@ def preflight(config: RunConfig) -> None:
     if len(data.label_names) < 2:
         raise ConfigError(f"config key 'label-column' = {config.label_column!r}: only one label value; a classifier needs two or more")
     sites = split_sites(data.labels, data.groups, config)
+    from simulations.continual_setup import check_stream  # the stream plan, replay size, empty experiences
+
+    for note in check_stream(config, data, sites):
+        print(f"fedcl: note: {note}", file=sys.stderr)
     if config.dp:
         check_budget_covers_one_round(config, min(len(site.train) for site in sites))
 

@@ -1,0 +1,38 @@
+"""Aggregation for the nearest-class-mean recipe: the global state is the running SUM of every released class sum.
+
+Sites release noisy per-class sums of unit feature vectors once per
+experience (``client/ncm_round.py``); the federated class sum is their plain
+sum (not an example-weighted mean: a weighted mean would tilt each class
+direction towards the sites with more examples elsewhere), accumulated over
+experiences, so classes released earlier are kept unchanged. No torch.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from strategies.aggregation import Arrays, SiteUpdate
+from strategies.ncm_sums import ClassSums
+
+SUMS = "class-sums"
+
+
+class ClassSumAggregator:
+    """``new = current + sum of the sites' released sums`` (see the module docstring)."""
+
+    def aggregate(self, current: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate]) -> Arrays:
+        """Add this round's releases to the running total; every update must carry ``class-sums`` only."""
+        if not updates:
+            raise ValueError("no updates to aggregate: pass at least one SiteUpdate")
+        for update in updates:
+            if set(update.arrays) != {SUMS}:
+                raise ValueError(f"site {update.site!r} sent {sorted(update.arrays)[:3]}; a nearest-class-mean "
+                                 f"release carries exactly one array, {SUMS!r}")
+        first = np.asarray(updates[0].arrays[SUMS], dtype=np.float64)
+        total = ClassSums(np.array(current[SUMS], dtype=np.float64) if SUMS in current else np.zeros_like(first))
+        for update in updates:
+            sums = np.asarray(update.arrays[SUMS], dtype=np.float64)
+            total.add(sums, np.flatnonzero(np.abs(sums).sum(axis=1) > 0))
+        return {SUMS: total.sums}
