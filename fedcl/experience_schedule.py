@@ -24,7 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedcl.run_config import ConfigError, RunConfig
+from fedcl.run_config import RunConfig, parse_offsets
+
+__all__ = ["ExperienceSchedule", "SlotPosition", "parse_offsets"]
 
 PROBE, LORA, NCM = "probe", "lora", "ncm"
 
@@ -115,16 +117,3 @@ class ExperienceSchedule:
                 "experience": where.slot, "experience-round": where.round_in_slot,
                 "num-experiences": self.num_experiences, "experience-plan": plan_json}
 
-
-def parse_offsets(text: str, num_sites: int) -> tuple[int, ...]:
-    """``"0,0,1"`` -> ``(0, 0, 1)``; empty -> all zeros. Raises ConfigError naming the fix."""
-    if not text.strip():
-        return (0,) * num_sites
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ConfigError(f"config key 'site-offsets' = {text!r}: write one whole number per site, e.g. \"0,0,1\"") from None
-    if len(values) != num_sites or any(v < 0 for v in values):
-        raise ConfigError(f"config key 'site-offsets' = {text!r}: give {num_sites} whole numbers >= 0 "
-                         f"(one per site, experiences it starts late), e.g. \"{','.join(['0'] * num_sites)}\"")
-    return values

@@ -180,8 +180,6 @@ class RunConfig:
     @property
     def offsets(self) -> tuple[int, ...]:
         """``site-offsets`` parsed: per site, the experiences it starts late."""
-        from fedcl.experience_schedule import parse_offsets
-
         return parse_offsets(self.site_offsets, self.num_sites)
 
     def to_flat(self) -> dict[str, Any]:
@@ -230,6 +228,20 @@ def _check_aggregation(config: RunConfig) -> None:
         _fail("attack-site", config.attack_site, f"use a site number 0 .. {config.num_sites - 1}")
     if not config.attack_scale > 0:
         _fail("attack-scale", config.attack_scale, "use a positive factor, e.g. 100.0")
+
+
+def parse_offsets(text: str, num_sites: int) -> tuple[int, ...]:
+    """``"0,0,1"`` -> ``(0, 0, 1)``; empty -> all zeros. Raises ConfigError naming the fix."""
+    if not text.strip():
+        return (0,) * num_sites
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"config key 'site-offsets' = {text!r}: write one whole number per site, e.g. \"0,0,1\"") from None
+    if len(values) != num_sites or any(v < 0 for v in values):
+        raise ConfigError(f"config key 'site-offsets' = {text!r}: give {num_sites} whole numbers >= 0 "
+                          f"(one per site, experiences it starts late), e.g. \"{','.join(['0'] * num_sites)}\"")
+    return values
 
 
 def _check_continual(config: RunConfig) -> None:
