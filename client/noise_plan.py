@@ -59,6 +59,9 @@ def calibrate(ledger: PrivacyLedger, segments: list[Segment], tolerance: float =
                 f"the remaining plan {segments}; raise target-epsilon or plan fewer rounds or steps"
             )
     spent = _priced(ledger, high, segments, ledger.accountant)
+    while spent > target:  # the RDP bracket is an upper bound in practice; never rely on it blindly
+        low, high = high, high * 2
+        spent = _priced(ledger, high, segments, ledger.accountant)
     while high - low > 1e-3:
         middle = (low + high) / 2
         eps_middle = _priced(ledger, middle, segments, ledger.accountant) if middle > 0 else float("inf")

@@ -11,36 +11,18 @@ torn one.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from fedcl.atomic_files import write_bytes_atomic
 
 
 class StateFileError(ValueError):
     """A state file that cannot be read back (truncated, foreign or from other settings)."""
 
 
-def write_atomic(path: str | os.PathLike[str], payload: bytes) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file, fsync, ``os.replace``, fsync of the folder)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+write_atomic = write_bytes_atomic  # one implementation of crash-safe writes, shared with the server
 
 
 def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:

@@ -11,8 +11,13 @@ from typing import Any
 import numpy as np
 
 
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that a crash leaves either the old or the new file, never half of one."""
+def write_bytes_atomic(path: str | os.PathLike[str], payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that a crash leaves either the old or the new file, never half of one.
+
+    Temporary file in the same folder, fsync, ``os.replace``, then fsync of the
+    folder so that the rename itself is durable.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -24,6 +29,11 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
