@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 PARTITIONS = ("iid", "dirichlet", "group")
-STRATEGIES = ("fedavg", "ffa", "exact")  # the same names as strategies.registry (tests/test_strategy_setup.py checks)
+STRATEGIES = ("fedavg", "ffa", "exact")  # the same names as strategies.registry (tests/test_strategy_wiring.py checks)
 ROBUST_MODES = ("none", "validate", "clip", "median", "trimmed-mean")
 SERVER_OPTIMIZERS = ("none", "adam", "yogi")
 COMPRESSIONS = ("none", "fp16", "int8")
@@ -58,7 +58,7 @@ class RunConfig:
     max_test_examples: int = 0  # per site, 0 = all
     seed: int = 42
     # --- federation --------------------------------------------------------
-    num_rounds: int = 2  # LoRA rounds (after the probe phase of the probe-then-lora recipe)
+    num_rounds: int = 1  # LoRA rounds (after the probe phase of the probe-then-lora recipe)
     strategy: str = "fedavg"
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     # --- aggregation (strategies/): robustness, server optimiser, wire codec
