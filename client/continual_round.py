@@ -16,7 +16,8 @@ experience is the slot minus its offset. A round:
 3. Trains on the pool ``current experience + buffer`` (each record once),
    which DP-SGD samples with Poisson sampling: replayed records are in every
    step the ledger records. Probe rounds train the head on the cached head
-   inputs of the pool rows; LoRA rounds train LoRA + head on the pool's
+   inputs of the pool rows, on the head rows of the classes seen so far;
+   LoRA rounds train LoRA + head on the pool's
    tokenised rows. The EWC penalty gradient is added after clipping and
    noise (``extra_gradient``), on the parameters that train in the phase
    (the head in probe rounds, LoRA + head in LoRA rounds).
@@ -75,6 +76,10 @@ class StreamContext:
             return np.sort(np.concatenate([e.train for e in self.stream.experiences]))
         return self.stream.experiences[experience].train
 
+    def seen_labels(self, experiences: int) -> np.ndarray:
+        """Label ids of the first ``experiences`` experiences (the global plan's: public), sorted."""
+        return np.unique(np.concatenate(self.labels[:max(experiences, 1)]))
+
     def check_plan(self, sent: str) -> None:
         """Raise ValueError if the server's plan (JSON, when sent) differs from the one this site derives."""
         if sent and json.loads(sent) != self.plan.to_dict():
@@ -114,13 +119,15 @@ def train_continual_round(runtime: SiteRuntime, round_config: Mapping[str, Any],
     pool = training_pool(current, buffer)
     ewc = EwcState.load(state.folder, config.ewc_mode, config.ewc_decay) if config.ewc_lambda > 0 else None
     pending = _pending_importance(context, ewc, experience)
+    rows = _incremental_rows(runtime, context, experience)
     facts = {"experience": experience, "pool-examples": len(pool), "replayed-examples": len(pool) - len(current),
              "num-examples": len(pool)}
     if not config.dp:
         seed = config.seed * 100_003 + int(round_config.get("server-round", 0)) * 101 + runtime.data.index
         if pending is not None:
             _consolidate(runtime, context, state, ewc, pending, 0.0, private=False, seed=seed)
-        outcome = _train_pool(runtime, phase, pool, 0.0, UNBOUNDED_CLIP, seed, _penalty(runtime, ewc, phase))
+        outcome = _train_pool(runtime, phase, pool, 0.0, UNBOUNDED_CLIP, seed, _penalty(runtime, ewc, phase, rows),
+                              rows)
         return RoundResult("trained", "", {**facts, **_outcome_metrics(outcome)})
     ledger = open_ledger(state, config)
     plan, fixed = planned_segments(runtime, context.schedule, experience, within, len(pool), len(current),
@@ -144,7 +151,8 @@ def train_continual_round(runtime: SiteRuntime, round_config: Mapping[str, Any],
         estimate = _consolidate(runtime, context, state, ewc, pending, importance_step[0], private=True, seed=None,
                                 ledger=ledger)
         facts["ewc-importance-steps"] = estimate.ledger_steps.steps
-    outcome = _train_pool(runtime, phase, pool, sigma, config.max_grad_norm, None, _penalty(runtime, ewc, phase))
+    outcome = _train_pool(runtime, phase, pool, sigma, config.max_grad_norm, None, _penalty(runtime, ewc, phase, rows),
+                          rows)
     ledger.record(sigma, outcome.sample_rate, outcome.steps)
     ledger.save(state.ledger)
     return RoundResult("trained", "", {**facts, **_outcome_metrics(outcome), "epsilon": ledger.epsilon(),
@@ -336,36 +344,74 @@ def _head_prefix(model: Any) -> str:
     raise ValueError("the trainable head is not a submodule of the model; build it with task type SEQ_CLS")
 
 
-def _penalty(runtime: SiteRuntime, ewc: EwcState | None, phase: str) -> Callable | None:
-    """The EWC ``extra_gradient`` for this phase's trainable parameters (the head alone in probe rounds)."""
+def _incremental_rows(runtime: SiteRuntime, context: StreamContext, experience: int) -> np.ndarray | None:
+    """Head rows the probe trains: the classes seen so far (None: every row; joint, or a head that is not Linear)."""
+    if context.schedule.joint or not isinstance(head_module(runtime.adapter.model), torch.nn.Linear):
+        return None
+    return context.seen_labels(experience + 1)
+
+
+def _penalty(runtime: SiteRuntime, ewc: EwcState | None, phase: str,
+             rows: np.ndarray | None = None) -> Callable | None:
+    """The EWC ``extra_gradient`` for this phase's trainable parameters (the head alone in probe rounds).
+
+    ``rows``: the probe trains only these rows of a Linear head; the terms are sliced to match.
+    """
     lam = runtime.config.ewc_lambda
     if ewc is None or not ewc.importances or lam == 0:
         return None
     if phase != PROBE:
         return functools.partial(ewc.penalty_gradient, ewc_lambda=lam)
     prefix = _head_prefix(runtime.adapter.model)
-    head_terms = EwcState(ewc.mode, ewc.decay,
-                          [{k[len(prefix):]: v for k, v in f.items() if k.startswith(prefix)} for f in ewc.importances],
-                          [{k[len(prefix):]: v for k, v in a.items() if k.startswith(prefix)} for a in ewc.anchors],
-                          list(ewc.experiences))
+    keep = slice(None) if rows is None else rows
+
+    def head_part(terms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k[len(prefix):]: v[keep] for k, v in terms.items() if k.startswith(prefix)}
+
+    head_terms = EwcState(ewc.mode, ewc.decay, [head_part(f) for f in ewc.importances],
+                          [head_part(a) for a in ewc.anchors], list(ewc.experiences))
     return functools.partial(head_terms.penalty_gradient, ewc_lambda=lam)
 
 
 def _train_pool(runtime: SiteRuntime, phase: str, pool: np.ndarray, sigma: float, clip: float, seed: int | None,
-                penalty: Callable | None) -> PrivateOutcome:
-    """DP-SGD of this phase on the pool rows only (clip ``UNBOUNDED_CLIP`` and sigma 0: non-private)."""
+                penalty: Callable | None, rows: np.ndarray | None = None) -> PrivateOutcome:
+    """DP-SGD of this phase on the pool records only (clip ``UNBOUNDED_CLIP`` and sigma 0: non-private).
+
+    Probe rounds with ``rows`` train only those rows of the Linear head (the
+    classes seen so far, as Avalanche's ``IncrementalClassifier`` grows its
+    units): no noise lands on the rows of classes still to come, which would
+    otherwise compete at evaluation. Which rows is public (the global plan).
+    """
     config, data = runtime.config, runtime.data
     index = torch.as_tensor(pool, dtype=torch.long)
     if phase == PROBE:
-        features = cached_head_inputs(runtime, "train")[index]
-        return train_private_features(
-            head_module(runtime.adapter.model), features, data.train.labels[index], config.probe_steps,
-            min(config.probe_batch_size, len(pool)), config.probe_learning_rate, sigma, clip, seed,
-            optimizer="sgd", momentum=PROBE_MOMENTUM, extra_gradient=penalty)
+        features, labels = cached_head_inputs(runtime, "train")[index], data.train.labels[index]
+        head = head_module(runtime.adapter.model)
+        part = head if rows is None else _rows_of(head, rows)
+        if rows is not None:
+            labels = torch.as_tensor(np.searchsorted(rows, labels.numpy()), dtype=torch.long)
+        outcome = train_private_features(
+            part, features, labels, config.probe_steps, min(config.probe_batch_size, len(pool)),
+            config.probe_learning_rate, sigma, clip, seed, optimizer="sgd", momentum=PROBE_MOMENTUM,
+            extra_gradient=penalty)
+        if rows is not None:
+            with torch.no_grad():
+                head.weight[torch.as_tensor(rows)] = part.weight
+                head.bias[torch.as_tensor(rows)] = part.bias
+        return outcome
     subset = Encoded(data.train.rows(index), data.train.labels[index])
     return train_private(runtime.adapter.model, subset, config.local_steps, min(config.batch_size, len(pool)),
                          config.learning_rate, sigma, clip, seed, optimizer="sgd", momentum=PROBE_MOMENTUM,
                          extra_gradient=penalty)
+
+
+def _rows_of(head: torch.nn.Linear, rows: np.ndarray) -> torch.nn.Linear:
+    """A Linear holding a copy of ``rows`` of ``head`` (output units), to train and write back."""
+    part = torch.nn.Linear(head.in_features, len(rows), device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(head.weight[torch.as_tensor(rows)])
+        part.bias.copy_(head.bias[torch.as_tensor(rows)])
+    return part
 
 
 def _outcome_metrics(outcome: PrivateOutcome) -> dict[str, float]:
@@ -376,15 +422,19 @@ def experience_metrics(runtime: SiteRuntime, round_config: Mapping[str, Any]) ->
     """Per-experience evaluation counts of the installed global model (``exp-J-correct``/``exp-J-total``).
 
     Covers the experiences seen by the end of this round's slot (every
-    experience for joint); ``accuracy`` becomes the accuracy over their test
+    experience for joint); the prediction is the best of the classes seen so
+    far (the public plan's; Avalanche's ``IncrementalClassifier`` has units
+    for those only), and ``accuracy`` becomes the accuracy over their test
     records pooled. Empty for a run without a stream.
     """
     if not runtime.config.continual:
         return {}
-    head = head_module(runtime.adapter.model)
+    context, server_round = stream_context(runtime), int(round_config.get("server-round", 1))
+    seen = context.seen_labels(context.schedule.experiences_seen(context.schedule.position(server_round).slot))
     with torch.no_grad():
-        predictions = head(cached_head_inputs(runtime, "test")).argmax(dim=-1).numpy()
-    return experience_counts(runtime, predictions, int(round_config.get("server-round", 1)))
+        logits = head_module(runtime.adapter.model)(cached_head_inputs(runtime, "test"))
+    predictions = seen[logits[:, torch.as_tensor(seen)].argmax(dim=-1).numpy()]  # among the classes seen so far
+    return experience_counts(runtime, predictions, server_round)
 
 
 def experience_counts(runtime: SiteRuntime, predictions: np.ndarray, server_round: int) -> dict[str, float]:

@@ -35,22 +35,23 @@ from typing import Any
 MEDQUAD_GROUPS = ("information,frequency,research,outlook,stages;"
                   "symptoms,treatment,causes,susceptibility,complications;"
                   "inheritance,genetic changes,exams and tests,considerations,prevention,support groups")
-COMMON = "target-epsilon=8.0 accountant='rdp' num-rounds=0 probe-rounds=4 probe-steps=25 probe-batch-size=64"
+COMMON = ("target-epsilon=8.0 accountant='rdp' num-rounds=0 probe-rounds=2 probe-steps=30 probe-batch-size=64 "
+          "probe-learning-rate=0.5")
 SCENARIOS: dict[str, dict[str, Any]] = {
     "medquad": {
         "what": "MedQuAD answers -> question type; 3 sites = the 3 largest NIH sources; 3 class-incremental "
                 "experiences of question types",
         "keys": ("dataset='../shared/data/medquad/medquad.csv' text-column='answer' label-column='qtype' "
-                 "group-column='source' partition='group' num-sites=3 max-train-examples=200 max-test-examples=80 "
+                 "group-column='source' partition='group' num-sites=3 max-train-examples=240 max-test-examples=80 "
                  f"stream='class-incremental' stream-groups='{MEDQUAD_GROUPS}'"),
-        "replay": 60, "ewc": 50.0,
+        "replay": 80, "ewc": 10.0,
     },
     "clinc150": {
         "what": "CLINC150 intents; 3 IID sites; 5 class-incremental experiences of 2 domains each (seeded)",
         "keys": ("dataset='../shared/data/clinc150/data_full.json' partition='iid' num-sites=3 max-length=32 "
-                 "max-train-examples=1200 max-test-examples=300 stream='class-incremental' stream-by='group' "
+                 "max-train-examples=450 max-test-examples=150 stream='class-incremental' stream-by='group' "
                  "num-experiences=5"),
-        "replay": 240, "ewc": 50.0,
+        "replay": 90, "ewc": 10.0,
     },
 }
 

@@ -229,3 +229,20 @@ def test_warm_recalibration_meets_the_budget_and_is_reused_while_the_plan_holds(
     assert changed.noise_multiplier == pytest.approx(reference.noise_multiplier, rel=0.03)
     ledger.record(changed.noise_multiplier, 0.12, 50)
     assert noise_for_plan(tmp_path / "plan.json", ledger, [(0.12, 100), (0.2, 40)]) == changed  # still the plan
+
+
+def test_probe_rounds_train_only_the_rows_of_classes_seen_so_far(tiny_model_dir, tmp_path):
+    """No DP noise lands on the head rows of future classes; the evaluation predicts among seen classes only."""
+    from client.continual_round import experience_metrics, stream_context
+    from client.head_features import head_module
+
+    runtime = runtime_of(flat_config(tiny_model_dir))
+    head = head_module(runtime.adapter.model)
+    before = head.weight.detach().clone()
+    assert run_round(runtime, 1, tmp_path).status == "trained"
+    context = stream_context(runtime)
+    seen, unseen = context.labels[0], context.labels[1]
+    changed = (head.weight.detach() != before).any(dim=1)
+    assert changed[torch.as_tensor(seen)].all() and not changed[torch.as_tensor(unseen)].any()
+    metrics = experience_metrics(runtime, {"server-round": 1})
+    assert metrics["experiences-seen"] == 1 and set(metrics) >= {"exp-0-correct", "exp-0-total", "accuracy"}
