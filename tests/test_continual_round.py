@@ -246,3 +246,16 @@ def test_probe_rounds_train_only_the_rows_of_classes_seen_so_far(tiny_model_dir,
     assert changed[torch.as_tensor(seen)].all() and not changed[torch.as_tensor(unseen)].any()
     metrics = experience_metrics(runtime, {"server-round": 1})
     assert metrics["experiences-seen"] == 1 and set(metrics) >= {"exp-0-correct", "exp-0-total", "accuracy"}
+
+
+def test_fixed_importance_noise_is_planned_as_fixed_steps_and_the_site_stays_within_budget(tiny_model_dir, tmp_path):
+    """ewc-importance-noise > 0: the importance batches use it, the calibrated DP-SGD noise covers the rest."""
+    flat = flat_config(tiny_model_dir, **{"ewc-lambda": 5.0, "ewc-importance-noise": 6.0, "noise-multiplier": 0.0,
+                                          "ewc-importance-batches": 3, "max-train-examples": 120, "partition": "iid"})
+    runtime = runtime_of(flat)
+    for server_round in (1, 2):
+        assert run_round(runtime, server_round, tmp_path).status == "trained"
+    ledger = PrivacyLedger.load(tmp_path / "privacy_ledger.json")
+    assert [entry for entry in ledger.history if entry[0] == 6.0] == [(6.0, ledger.history[1][1], 3)]
+    assert ledger.history[1] == (6.0, ledger.history[1][1], 3)  # after experience 0's probe round, before experience 1's
+    assert ledger.history[0][0] != 6.0 and ledger.epsilon() <= 8.0
