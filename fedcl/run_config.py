@@ -206,6 +206,9 @@ def _check_aggregation(config: RunConfig) -> None:
             _fail(key, value, f"use one of {', '.join(choices)}")
     if config.max_update_norm < 0:
         _fail("max-update-norm", config.max_update_norm, "use 0 (no bound) or a positive L2 bound, e.g. 1.0")
+    if config.robust == "none" and config.max_update_norm > 0:
+        _fail("max-update-norm", config.max_update_norm, 'robust = "none" checks nothing: set robust = "validate" '
+              "(reject above the bound) or \"clip\" (scale down to it), or max-update-norm = 0")
     if config.robust == "clip" and config.max_update_norm <= 0:
         _fail("max-update-norm", config.max_update_norm, 'robust = "clip" scales every update down to this bound: '
               "set a positive bound, e.g. 1.0, or use robust = \"validate\"")

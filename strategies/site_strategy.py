@@ -53,12 +53,18 @@ def to_record(arrays: Arrays) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
 
 
-def _site_of(message: Message) -> tuple[str, dict[str, Any]]:
+def _site_of(message: Message, known: dict[int, str]) -> tuple[str, dict[str, Any]]:
+    """The replying site's name and record; an error reply has no content: the name its node had before."""
+    node = message.metadata.src_node_id
+    fallback = known.get(node, f"node-{node}")
+    if message.has_error() or not message.has_content():
+        return fallback, {}
     content = message.content
     if SITE_RECORD in content.config_records:
         info = dict(content.config_records[SITE_RECORD])
-        return str(info.get("site", f"node-{message.metadata.src_node_id}")), info
-    return f"node-{message.metadata.src_node_id}", {}
+        known[node] = str(info.get("site", fallback))
+        return known[node], info
+    return fallback, {}
 
 
 def _reject(server_round: int, reply: SiteReply, reason: str) -> None:
@@ -96,6 +102,7 @@ class SiteStrategy(FedAvg):
         self.evaluate_replies: dict[int, list[SiteReply]] = {}
         self.bytes_down: dict[tuple[int, str], int] = {}  # (round, "train"/"evaluate") -> array bytes per message
         self.round_diagnostics: dict[int, dict[str, float]] = {}  # round -> e.g. relative_residual, rejected
+        self._node_sites: dict[int, str] = {}  # node id -> site name, to name a site whose reply is an error
 
     def _downlink(self, server_round: int, arrays: ArrayRecord, kind: str) -> ArrayRecord:
         record = to_record(self.wire.downlink(server_round, to_numpy(arrays), kind))
@@ -122,7 +129,7 @@ class SiteStrategy(FedAvg):
         records: list[SiteReply] = []
         pending: list[tuple[SiteUpdate, SiteReply]] = []
         for message in replies:
-            site, info = _site_of(message)
+            site, info = _site_of(message, self._node_sites)
             if message.has_error():
                 records.append(SiteReply(site, "failed", reason=message.error.reason))
                 log(WARNING, "round %s: %s failed: %s", server_round, site, message.error.reason)
@@ -179,7 +186,7 @@ class SiteStrategy(FedAvg):
         """Record every site's evaluation; return the unweighted mean accuracy over sites."""
         records = []
         for message in replies:
-            site, info = _site_of(message)
+            site, info = _site_of(message, self._node_sites)
             if message.has_error():
                 records.append(SiteReply(site, "failed", reason=message.error.reason))
                 log(WARNING, "round %s: evaluation at %s failed: %s", server_round, site, message.error.reason)

@@ -67,6 +67,7 @@ def test_run_config_choices_are_the_registry_choices():
     ({"strategy": "exact", "robust": "median"}, "robust", "validate or clip"),
     ({"strategy": "exact", "server-optimizer": "adam"}, "server-optimizer", "use none"),
     ({"robust": "clip"}, "max-update-norm", "positive bound"),
+    ({"robust": "none", "max-update-norm": 2.0}, "max-update-norm", "checks nothing"),
     ({"robust": "trimmed-mean", "num-sites": 3, "trim-fraction": 0.2}, "trim-fraction", "at least"),
     ({"max-norm-ratio": 0.5}, "max-norm-ratio", "above 1"),
     ({"compression": "zip"}, "compression", "none, fp16, int8"),
@@ -147,6 +148,23 @@ def test_an_undecodable_reply_is_rejected_not_fatal():
     assert arrays is not None and metrics["sites-trained"] == 2
     rejected = [r for r in strategy.train_replies[1] if r.status == "rejected"]
     assert [r.site for r in rejected] == ["c"] and "int8-scale" in rejected[0].reason
+
+
+def test_an_error_reply_is_recorded_as_failed_and_the_round_goes_on():
+    from flwr.app import Error
+
+    rng = np.random.default_rng(3)
+    strategy = build_strategy(parse_run_config({"num-sites": 3}))
+    base = random_adapter(rng)
+    sent = [instruction(node, 1) for node in (1, 2, 3)]
+    replies = [site_reply(sent[0], "a", _good(rng, base, list(base))), site_reply(sent[1], "b", _good(rng, base, list(base))),
+               Message(Error(code=0, reason="BudgetError: no noise multiplier fits"), reply_to=sent[2])]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["sites-trained"] == 2
+    failed = strategy.train_replies[1][2]
+    assert (failed.site, failed.status) == ("node-3", "failed") and "BudgetError" in failed.reason
+    assert strategy.aggregate_evaluate(1, [Message(Error(code=0, reason="x"), reply_to=sent[0])]) is None
+    assert strategy.evaluate_replies[1][0].site == "a"  # named from its earlier reply
 
 
 # --- the client's side, on a tiny random BERT ------------------------------------------------------
