@@ -62,23 +62,26 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-_FEATURES: dict[tuple, tuple[str, torch.Tensor]] = {}
+_FEATURES: dict[tuple, tuple[Any, Any, str, torch.Tensor]] = {}
 
 
 def cached_head_inputs(runtime: SiteRuntime, split: str) -> torch.Tensor:
     """The head inputs of a split under the current adapter; recomputed only when the LoRA tensors change.
 
-    One entry per site and split is kept (the latest adapter), so memory stays
-    at one copy of each split's vectors.
+    One entry per site and split is kept (the latest adapter). The entry holds
+    the site's data and model objects themselves and is reused only for those
+    very objects (identity, not ``id()``, which Python reuses after a free), so
+    a new split or model never meets stale vectors.
     """
-    key = (id(runtime.adapter), runtime.data.name, split, runtime.config.max_length, runtime.config.dataset)
+    key = (runtime.data.name, split)
     fingerprint = adapter_fingerprint(runtime.adapter.model)
     cached = _FEATURES.get(key)
-    if cached is None or cached[0] != fingerprint:
+    if cached is None or cached[0] is not runtime.data or cached[1] is not runtime.adapter or cached[2] != fingerprint:
         data = runtime.data.train if split == "train" else runtime.data.test
-        cached = (fingerprint, head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size))
+        cached = (runtime.data, runtime.adapter, fingerprint,
+                  head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size))
         _FEATURES[key] = cached
-    return cached[1]
+    return cached[3]
 
 
 def planned_segments(runtime: SiteRuntime, instructions: RoundInstructions) -> list[Segment]:
