@@ -293,11 +293,34 @@ def _consolidate(runtime: SiteRuntime, context: StreamContext, state: SiteState,
         ledger.record(*estimate.ledger_steps)
         ledger.save(state.ledger)
     anchor = anchor_arrays(runtime.adapter.model)  # the received global model: the end of experience `previous`
-    ewc.consolidate(previous, estimate.importance, {name: anchor[name] for name in estimate.importance})
+    importance = _seen_rows_only(runtime, context, previous, estimate.importance)
+    ewc.consolidate(previous, importance, {name: anchor[name] for name in importance})
     ewc.save(state.folder)
     log(INFO, "%s: EWC importances of experience %d estimated (%d batches) and consolidated", runtime.data.name,
         previous, estimate.ledger_steps.steps)
     return estimate
+
+
+def _seen_rows_only(runtime: SiteRuntime, context: StreamContext, previous: int,
+                    importance: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Zero the head's importances on the rows of classes not seen by the end of ``previous``.
+
+    Those rows never trained (probe rounds train the seen rows only), so their
+    anchor is just their initial value: holding them there would only stop the
+    classes still to come from being learnt. Which rows is public (the plan).
+    """
+    rows = _incremental_rows(runtime, context, previous)
+    if rows is None:
+        return importance
+    prefix = _head_prefix(runtime.adapter.model)
+    kept = {}
+    for name, value in importance.items():
+        if name.startswith(prefix):
+            masked = np.zeros_like(value)
+            masked[rows] = value[rows]
+            value = masked
+        kept[name] = value
+    return kept
 
 
 def private_importance(runtime: SiteRuntime, positions: np.ndarray, noise_multiplier: float, *, lora: bool,

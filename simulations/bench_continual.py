@@ -53,6 +53,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                  "num-experiences=5"),
         "replay": 90, "ewc": 10.0,
     },
+    "clinc150-large": {
+        "what": "the same CLINC150 stream with 3.3x the records per site (10 train records per intent per site)",
+        "keys": ("dataset='../shared/data/clinc150/data_full.json' partition='iid' num-sites=3 max-length=32 "
+                 "max-train-examples=1500 max-test-examples=300 stream='class-incremental' stream-by='group' "
+                 "num-experiences=5"),
+        "replay": 300, "ewc": 10.0,
+    },
 }
 
 

@@ -259,3 +259,17 @@ def test_fixed_importance_noise_is_planned_as_fixed_steps_and_the_site_stays_wit
     assert [entry for entry in ledger.history if entry[0] == 6.0] == [(6.0, ledger.history[1][1], 3)]
     assert ledger.history[1] == (6.0, ledger.history[1][1], 3)  # after experience 0's probe round, before experience 1's
     assert ledger.history[0][0] != 6.0 and ledger.epsilon() <= 8.0
+
+
+def test_ewc_holds_only_the_rows_of_classes_seen_when_it_consolidates(tiny_model_dir, tmp_path):
+    """Rows of classes still to come never trained: their importance is zero, so EWC leaves them free to learn."""
+    from client.continual_round import _head_prefix, stream_context
+    from client.ewc import EwcState
+
+    runtime = runtime_of(flat_config(tiny_model_dir, **{"ewc-lambda": 5.0, "dp": False}))
+    for server_round in (1, 2):
+        assert run_round(runtime, server_round, tmp_path).status == "trained"
+    ewc = EwcState.load(tmp_path, "separate", 1.0)
+    context, prefix = stream_context(runtime), _head_prefix(runtime.adapter.model)
+    weight = ewc.importances[0][prefix + "weight"]
+    assert np.all(weight[context.labels[1]] == 0) and np.any(weight[context.labels[0]] > 0)
