@@ -17,8 +17,9 @@ b. accuracy after a fixed number of rounds, 3 sites (MedQuAD sources), for
    so it could not tell the rules apart; under DP it collapses (STACK-NOTES);
 c. 5 sites, one of them (``attack-site``) sending a scaled (x100) or
    sign-flipped (x4) update through the simulation-only fault injector
-   (client/fault_injection.py), without and with the robust wrapper, against
-   the clean run.
+   (client/fault_injection.py), without and with the robust wrapper
+   (validate with the default and a tighter norm ratio, coordinate median),
+   against the clean run.
 
 Usage::
 
@@ -66,6 +67,9 @@ ATTACK_RUNS = {
     "scale-x100-validate": f"robust='validate' attack='scale' attack-scale=100.0 attack-site={ATTACKER}",
     "sign-flip-x4-unprotected": f"robust='none' attack='sign-flip' attack-scale=4.0 attack-site={ATTACKER}",
     "sign-flip-x4-median": f"robust='median' attack='sign-flip' attack-scale=4.0 attack-site={ATTACKER}",
+    # the x4 update's norm is 4.4-5.5x the median one (honest sites: <= 1.2x): a tighter ratio than the default 10
+    "sign-flip-x4-validate-ratio3": f"robust='validate' max-norm-ratio=3.0 attack='sign-flip' attack-scale=4.0 "
+                                    f"attack-site={ATTACKER}",
 }
 ATTACK_BASE = f"num-sites=5 num-rounds=2 strategy='fedavg' dp=false {PLAIN_LR}"
 
@@ -161,17 +165,17 @@ def print_report(report: dict[str, Any]) -> None:
             continue
         clean = next((r["accuracy"] for r in rows if r["name"] == "clean" and "accuracy" in r), None)
         print(f"\n{title}")
-        print(f"{'run':<26}{'accuracy':>9}{'loss':>7}{'LoRA gain':>10}{'vs clean':>9}{'rejected':>9}{'epsilon':>8}"
+        print(f"{'run':<30}{'accuracy':>9}{'loss':>8}{'LoRA gain':>10}{'vs clean':>9}{'rejected':>9}{'epsilon':>8}"
               f"{'resid':>7}{'wall s':>7}  accuracy per round")
         for r in rows:
             if "error" in r:
-                print(f"{r['name']:<26}  failed")
+                print(f"{r['name']:<30}  failed")
                 continue
             delta = f"{r['accuracy'] - clean:+.3f}" if clean is not None and key == "attack" else ""
             eps = f"{r['epsilon']:.2f}" if r.get("epsilon") else "-"
             resid = f"{r['relative_residual_mean']:.2f}" if r.get("relative_residual_mean") is not None else "-"
             gain = f"{r['lora_gain']:+.3f}" if r.get("lora_gain") is not None else "-"
-            print(f"{r['name']:<26}{r['accuracy']:>9.3f}{r['eval_loss']:>7.3f}{gain:>10}{delta:>9}{r['rejected']:>9}"
+            print(f"{r['name']:<30}{r['accuracy']:>9.3f}{r['eval_loss']:>8.3f}{gain:>10}{delta:>9}{r['rejected']:>9}"
                   f"{eps:>8}{resid:>7}"
                   f"{r['wall_seconds']:>7.0f}  {' '.join(f'{a:.3f}' for a in r['curve'])}")
 

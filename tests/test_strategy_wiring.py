@@ -342,3 +342,12 @@ def test_flwr_run_with_ffa_int8_and_an_attacker_rejects_it_and_exports_a(tiny_mo
 
     exported = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert any("lora_A" in name for name in exported)
+
+
+def test_the_strategies_and_the_server_setup_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, strategies.registry, strategies.site_strategy, strategies.wire, server.strategy_setup; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent).returncode == 0
