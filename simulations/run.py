@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -181,11 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     try:
-        config = prepare_config(parse_overrides(args.run_config), Path.cwd())
+        with warnings.catch_warnings():  # RDP's "largest alpha" notice during the budget check: a looser bound only
+            warnings.simplefilter("ignore", UserWarning)
+            config = prepare_config(parse_overrides(args.run_config), Path.cwd())
     except ConfigError as err:
         print(f"fedcl: error: {err}", file=sys.stderr)
         return 2
-    print(f"fedcl: {config.num_sites} sites, {config.num_rounds} rounds, dataset {config.dataset}, "
+    privacy = f"DP at epsilon {config.target_epsilon}" if config.dp else "no DP"
+    print(f"fedcl: {config.num_sites} sites, {config.total_rounds} rounds ({config.probe_phase_rounds} probe, "
+          f"{config.num_rounds} LoRA), {privacy}, dataset {config.dataset}, "
           f"run directory {config.output_dir}", flush=True)
     try:
         run_dir = run_simulation(config, quiet=args.quiet)
