@@ -28,7 +28,7 @@ from client.dp_training import train_private, train_private_features
 from client.head_features import adapter_fingerprint, head_inputs, head_module
 from client.local_training import train_plain
 from client.noise_plan import Segment, load_or_calibrate
-from client.privacy_ledger import LedgerError, PrivacyLedger
+from client.privacy_ledger import BudgetError, LedgerError, PrivacyLedger
 from client.site_runtime import SiteRuntime
 from client.site_state import SiteState
 
@@ -107,7 +107,13 @@ def train_round(runtime: SiteRuntime, instructions: RoundInstructions, state: Si
     if config.noise_multiplier > 0:
         sigma = config.noise_multiplier
     else:
-        sigma = load_or_calibrate(state.noise_plan, ledger, segments).noise_multiplier
+        try:
+            sigma = load_or_calibrate(state.noise_plan, ledger, segments).noise_multiplier
+        except BudgetError as err:  # nothing left for the remaining plan: the hard stop, not a crash
+            spent = ledger.epsilon()
+            return RoundResult("skipped", f"privacy budget: epsilon spent {spent:.3f} of {config.target_epsilon}; {err}",
+                               {"epsilon": spent, "stopped-for-budget": 1,
+                                **_privacy_metrics(ledger, 0.0, sample_rate, config)})
     if not ledger.can_afford(sigma, sample_rate, steps):
         spent = ledger.epsilon()
         return RoundResult("skipped", (

@@ -109,3 +109,15 @@ def test_a_lost_ledger_is_not_recreated(tiny_model_dir, csv_dataset, tmp_path):
     with pytest.raises(LedgerError, match="missing"):
         one_round(flat, tmp_path, 2)
     assert not state.ledger.exists()
+
+
+def test_a_spent_site_declines_rather_than_crashes(tiny_model_dir, csv_dataset, tmp_path):
+    flat = run_config(tiny_model_dir, csv_dataset)
+    _, state = one_round(flat, tmp_path, 1)
+    ledger = PrivacyLedger.load(state.ledger)
+    ledger.record(0.3, 0.5, 500)  # as if the site had spent its whole budget elsewhere in the plan
+    ledger.save(state.ledger)
+    state.noise_plan.unlink()  # force a new calibration: nothing can fit any more
+    result, _ = one_round(flat, tmp_path, 2)
+    assert result.status == "skipped" and "privacy budget" in result.reason
+    assert result.metrics["stopped-for-budget"] == 1
