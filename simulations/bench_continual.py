@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def run_recipe(scenario: str, name: str, overrides: str, out_root: Path) -> dict
 
     keys = f"{COMMON} {SCENARIOS[scenario]['keys']} {overrides}".strip()
     folder = out_root / f"{scenario}-{name.replace(' ', '-').replace('+', '-')}"
+    shutil.rmtree(folder, ignore_errors=True)  # fresh site state: a kept ledger would carry its spent budget over
     config = prepare_config(parse_overrides(f"{keys} output-dir='{folder}'"), Path.cwd())
     started = time.time()
     run_dir = run_simulation(config, quiet=True)
