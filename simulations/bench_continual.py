@@ -17,7 +17,10 @@ after the last one, average forgetting, the largest site epsilon, wall time)
 and writes JSON (``--out``, default ``runs/bench_continual.json``) after every
 run, so a partial benchmark keeps what it finished.
 
-Usage: ``python -m simulations.bench_continual [--scenarios medquad clinc150] [--only NAME ...] [--with-lora]``.
+Usage: ``python -m simulations.bench_continual [--scenarios medquad clinc150] [--only NAME ...] [--repeats N]
+[--with-lora]``. Private runs draw fresh noise from the operating system, so a
+recipe's numbers vary from run to run: ``--repeats`` runs each recipe N times
+and the table shows the mean and the range.
 The scenarios' sizes are capped so the whole benchmark takes about half an
 hour on 2 CPU cores; the accountant is RDP (cheaper to evaluate than PRV on
 long ledgers; its bound is looser, so the private rows are if anything
@@ -31,6 +34,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 MEDQUAD_GROUPS = ("information,frequency,research,outlook,stages;"
@@ -81,12 +85,12 @@ def recipes(scenario: dict[str, Any], with_lora: bool) -> dict[str, str]:
     return table
 
 
-def run_recipe(scenario: str, name: str, overrides: str, out_root: Path) -> dict[str, Any]:
-    """Run one recipe end to end and read its continual summary."""
+def run_recipe(scenario: str, name: str, overrides: str, out_root: Path, repeat: int = 0) -> dict[str, Any]:
+    """Run one recipe end to end (``repeat`` > 0: another run of it, in its own folder) and read its summary."""
     from simulations.run import parse_overrides, prepare_config, run_simulation
 
     keys = f"{COMMON} {SCENARIOS[scenario]['keys']} {overrides}".strip()
-    folder = out_root / f"{scenario}-{name.replace(' ', '-').replace('+', '-')}"
+    folder = out_root / f"{scenario}-{name.replace(' ', '-').replace('+', '-')}{f'-r{repeat}' if repeat else ''}"
     shutil.rmtree(folder, ignore_errors=True)  # fresh site state: a kept ledger would carry its spent budget over
     config = prepare_config(parse_overrides(f"{keys} output-dir='{folder}'"), Path.cwd())
     started = time.time()
@@ -95,7 +99,7 @@ def run_recipe(scenario: str, name: str, overrides: str, out_root: Path) -> dict
     continual = summary["continual"]
     privacy = summary.get("privacy") or {}
     return {
-        "scenario": scenario, "recipe": name, "overrides": keys,
+        "scenario": scenario, "recipe": name, "repeat": repeat, "overrides": keys,
         "average_accuracy": continual["average_accuracy"], "forgetting": continual["forgetting"],
         "bwt": continual["bwt"], "accuracy_matrix": continual["accuracy_matrix"],
         "epsilon_max": max((p["epsilon"] for p in privacy.values()), default=None),
@@ -103,19 +107,46 @@ def run_recipe(scenario: str, name: str, overrides: str, out_root: Path) -> dict
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of one scenario's results."""
-    lines = ["| recipe | average accuracy | forgetting | max site epsilon | wall s |", "|---|---|---|---|---|"]
+def averaged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per recipe: the mean (and spread, over repeats) of its runs, in first-run order."""
+    merged: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        forgetting = "n/a" if r["forgetting"] is None else f"{r['forgetting']:.3f}"
+        merged.setdefault(r["recipe"], []).append(r)
+    out = []
+    for recipe, runs in merged.items():
+        accuracy = [r["average_accuracy"] for r in runs]
+        forgetting = [r["forgetting"] for r in runs]
+        epsilons = [r["epsilon_max"] for r in runs if r["epsilon_max"] is not None]
+        out.append({"recipe": recipe, "runs": len(runs), "average_accuracy": mean(accuracy),
+                    "accuracy_spread": (min(accuracy), max(accuracy)),
+                    "forgetting": None if None in forgetting else mean(forgetting),
+                    "forgetting_spread": None if None in forgetting else (min(forgetting), max(forgetting)),
+                    "epsilon_max": max(epsilons) if epsilons else None,
+                    "wall_seconds": mean([r["wall_seconds"] for r in runs])})
+    return out
+
+
+def _cell(value: float | None, spread: tuple[float, float] | None, runs: int) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" ({spread[0]:.3f}-{spread[1]:.3f})" if runs > 1 and spread else "")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of one scenario's results (means over repeats, with their range)."""
+    lines = ["| recipe | runs | average accuracy | forgetting | max site epsilon | wall s |",
+             "|---|---|---|---|---|---|"]
+    for r in averaged(rows):
         epsilon = "no DP" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"
-        lines.append(f"| {r['recipe']} | {r['average_accuracy']:.3f} | {forgetting} | {epsilon} | "
+        lines.append(f"| {r['recipe']} | {r['runs']} | {_cell(r['average_accuracy'], r['accuracy_spread'], r['runs'])} "
+                     f"| {_cell(r['forgetting'], r['forgetting_spread'], r['runs'])} | {epsilon} | "
                      f"{r['wall_seconds']:.0f} |")
     return "\n".join(lines)
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's goals for one scenario, checked on its rows."""
+    rows = averaged(rows)
     by = {r["recipe"]: r for r in rows}
     found: dict[str, Any] = {}
     if "naive" in by and "replay+ewc" in by:
@@ -138,21 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--only", nargs="*", default=None, help="recipes to run (default: all)")
     parser.add_argument("--with-lora", action="store_true", help="also run replay+ewc with a private LoRA round")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per recipe (private runs draw fresh noise)")
     parser.add_argument("--out", default="runs/bench_continual.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for scenario in args.scenarios:
-        for name, overrides in recipes(SCENARIOS[scenario], args.with_lora).items():
-            if args.only and name not in args.only:
-                continue
-            print(f"bench_continual: {scenario} / {name} ...", flush=True)
+        chosen = [(name, overrides) for name, overrides in recipes(SCENARIOS[scenario], args.with_lora).items()
+                  if not args.only or name in args.only]
+        for (name, overrides), repeat in ((recipe, k) for recipe in chosen for k in range(args.repeats)):
+            print(f"bench_continual: {scenario} / {name} (run {repeat + 1}) ...", flush=True)
             try:
-                results.append(run_recipe(scenario, name, overrides, out.parent / "bench_continual"))
+                results.append(run_recipe(scenario, name, overrides, out.parent / "bench_continual", repeat))
             except (RuntimeError, ValueError) as err:  # one failed run must not lose the others
                 print(f"bench_continual: {scenario} / {name} failed: {err}", flush=True)
-                results.append({"scenario": scenario, "recipe": name, "error": str(err)})
+                results.append({"scenario": scenario, "recipe": name, "repeat": repeat, "error": str(err)})
             done = [r for r in results if "error" not in r]
             report = {"scenarios": {s: SCENARIOS[s]["what"] for s in args.scenarios}, "common": COMMON,
                       "results": results,
