@@ -49,7 +49,7 @@ from client.ewc import EwcState, ImportanceEstimate, anchor_arrays, estimate_imp
 from client.head_features import head_module
 from client.local_training import Encoded, trim_padding
 from client.noise_plan import Segment
-from client.privacy_ledger import PrivacyLedger, Step
+from client.privacy_ledger import BudgetError, PrivacyLedger, Step
 from client.replay_buffer import ReplayBuffer, training_pool
 from client.site_runtime import SiteRuntime, dataset_and_sites
 from client.site_state import SiteState
@@ -132,7 +132,11 @@ def train_continual_round(runtime: SiteRuntime, round_config: Mapping[str, Any],
     ledger = open_ledger(state, config)
     plan, fixed = planned_segments(runtime, context.schedule, experience, within, len(pool), len(current),
                                    _importance_records(context, pending))
-    sigma = config.noise_multiplier or noise_for_plan(state.noise_plan, _with_fixed(ledger, fixed), plan).noise_multiplier
+    try:
+        sigma = config.noise_multiplier or noise_for_plan(state.noise_plan, _with_fixed(ledger, fixed), plan).noise_multiplier
+    except BudgetError as err:  # nothing left for the remaining plan: the hard stop, not a crash
+        return RoundResult("skipped", f"privacy budget: {err}", {**facts, "epsilon": ledger.epsilon(),
+                                                                 "stopped-for-budget": 1})
     importance_step = _importance_step(runtime, context, pending, sigma)
     round_rate = _sample_rate(config.probe_batch_size if phase == PROBE else config.batch_size, len(pool))
     round_steps = config.probe_steps if phase == PROBE else config.local_steps

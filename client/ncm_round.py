@@ -30,6 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from client.continual_round import experience_counts, stream_context
 from client.local_training import Encoded, trim_padding
 from client.nearest_class_mean import class_feature_sums, mean_pooled_features, release_class_sums
+from client.privacy_ledger import BudgetError
 from client.site_runtime import SiteRuntime, site_runtime
 from client.site_state import site_state
 from client.site_trainer import RoundResult, _privacy_metrics, open_ledger
@@ -91,7 +92,11 @@ def release_round(runtime: SiteRuntime, round_config: dict, state: Any) -> tuple
         return RoundResult("trained", "", facts), release.sums
     ledger = open_ledger(state, config)
     remaining = [(1.0, releases - experience)]
-    sigma = config.noise_multiplier or noise_for_plan(state.noise_plan, ledger, remaining).noise_multiplier
+    try:
+        sigma = config.noise_multiplier or noise_for_plan(state.noise_plan, ledger, remaining).noise_multiplier
+    except BudgetError as err:  # nothing left for the remaining releases: the hard stop, not a crash
+        return RoundResult("skipped", f"privacy budget: {err}", {**facts, "epsilon": ledger.epsilon(),
+                                                                 "stopped-for-budget": 1}), None
     if not ledger.can_afford(sigma, 1.0, 1):
         spent = ledger.epsilon()
         return RoundResult("skipped", f"privacy budget: epsilon spent {spent:.3f} of {config.target_epsilon}; "

@@ -273,3 +273,12 @@ def test_ewc_holds_only_the_rows_of_classes_seen_when_it_consolidates(tiny_model
     context, prefix = stream_context(runtime), _head_prefix(runtime.adapter.model)
     weight = ewc.importances[0][prefix + "weight"]
     assert np.all(weight[context.labels[1]] == 0) and np.any(weight[context.labels[0]] > 0)
+
+
+def test_a_site_whose_budget_is_spent_skips_with_the_reason_instead_of_failing(tiny_model_dir, tmp_path):
+    """A ledger that has already spent the budget (e.g. a state directory reused): a logged skip, no crash."""
+    flat = flat_config(tiny_model_dir, **{"noise-multiplier": 0.0})
+    PrivacyLedger(8.0, 1e-5, "rdp", [(0.5, 1.0, 100)]).save(tmp_path / "privacy_ledger.json")
+    result = run_round(runtime_of(flat), 1, tmp_path)
+    assert result.status == "skipped" and "privacy budget" in result.reason
+    assert result.metrics["stopped-for-budget"] == 1
