@@ -116,6 +116,10 @@ def _toml_value(value: Any) -> str:
 def flower_environment(flwr_home: Path) -> dict[str, str]:
     """Environment for `flwr run` on these machines (STACK-NOTES): no runtime installs, no telemetry."""
     env = dict(os.environ)
+    # `flwr run` starts `flower-superlink` (and it starts `flwr-simulation`) by name from PATH:
+    # put this interpreter's scripts first so it works without an activated virtual environment.
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([scripts, *[part for part in env.get("PATH", "").split(os.pathsep) if part]])
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -129,6 +133,14 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     })
     (flwr_home / "ray").mkdir(parents=True, exist_ok=True)
     return env
+
+
+def _log_tail(log_path: Path, lines: int = 25) -> str:
+    """The last lines of a log, for an error message that explains itself."""
+    try:
+        return "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log was written)"
 
 
 def stop_local_superlink(flwr_home: Path) -> None:
@@ -170,7 +182,7 @@ def run_simulation(config: RunConfig, quiet: bool = False, project: Path = PROJE
         stop_local_superlink(flwr_home)
         shutil.rmtree(flwr_home, ignore_errors=True)
     if proc.returncode != 0 or not (run_dir / "summary.json").exists():
-        raise RuntimeError(f"the simulation did not finish; see {log_path}")
+        raise RuntimeError(f"the simulation did not finish; see {log_path}; its last lines:\n{_log_tail(log_path)}")
     return run_dir
 
 

@@ -48,3 +48,17 @@ def test_no_traceback_from_the_command_line(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr + done.stdout
     assert "fedcl: error: config key 'lora-rank' = 0" in done.stderr
+
+
+def test_flower_environment_finds_the_superlink_without_an_activated_venv(tmp_path, monkeypatch):
+    """`flwr run` starts `flower-superlink` by name; CI runs `.venv/bin/python` with a PATH that lacks `.venv/bin`."""
+    import shutil
+    import sys
+
+    from simulations.run import flower_environment
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = flower_environment(tmp_path)
+    found = shutil.which("flower-superlink", path=env["PATH"])
+    assert found is not None and Path(found).parent == Path(sys.executable).parent
+    assert env["PATH"].endswith("/usr/bin:/bin")
