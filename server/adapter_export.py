@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedcl.exported_adapter import describe_export
 from fedcl.model_factory import load_adapter_model, resolve_model_path, set_trainable_arrays
 from fedcl.run_config import RunConfig
 
@@ -18,17 +19,17 @@ def head_size(arrays: dict[str, np.ndarray]) -> int:
     return int(biases[-1].shape[0])
 
 
-def export_adapter(folder: Path, config: RunConfig, arrays: dict[str, np.ndarray]) -> int:
+def export_adapter(folder: Path, config: RunConfig, arrays: dict[str, np.ndarray], label_names: list[str]) -> int:
     """Save ``arrays`` as a PEFT adapter folder; returns the base model's size in bytes.
 
-    Load it with ``PeftModel.from_pretrained(AutoModelForSequenceClassification
-    .from_pretrained(base, num_labels=K), folder)``.
+    Load it with :func:`fedcl.exported_adapter.load_exported_model`, i.e.
+    ``PeftModel.from_pretrained(load_base_classifier(base, pooling, K), folder)``.
     """
     adapter = load_adapter_model(config, num_labels=head_size(arrays))
     set_trainable_arrays(adapter.model, arrays, partial=config.strategy == "ffa")  # FFA: A is the seeded one
     adapter.model.save_pretrained(str(folder))
     adapter.tokenizer.save_pretrained(str(folder))
-    (folder / "BASE_MODEL.txt").write_text(resolve_model_path(config.model) + "\n", encoding="utf-8")
+    describe_export(folder, resolve_model_path(config.model), config.pooling, head_size(arrays), label_names)
     base = adapter.model.get_base_model()
     return int(sum(p.numel() * p.element_size() for n, p in base.named_parameters()
                    if "lora_" not in n and "modules_to_save" not in n))

@@ -117,11 +117,11 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         evaluate_config=ConfigRecord({"run-dir": str(run_dir)}),
         evaluate_fn=on_round_end,
     )
-    base_bytes = None
-    if len(result.arrays) and config.recipe != "ncm":  # ncm's global state is class sums, not an adapter
-        base_bytes = export_adapter(run_dir / "adapter", config, to_numpy(result.arrays))
     labels = next((r.info.get("label-names") for replies in strategy.train_replies.values() for r in replies
                    if r.info.get("label-names")), None)
+    base_bytes = None
+    if len(result.arrays) and config.recipe != "ncm":  # ncm's global state is class sums, not an adapter
+        base_bytes = export_adapter(run_dir / "adapter", config, to_numpy(result.arrays), list(labels or []))
     summary = report.summary(base_bytes, {"label_names": list(labels) if labels else None,
                                           "privacy": privacy_summary(config, strategy),
                                           "aggregation": aggregation_summary(config, strategy),
