@@ -6,7 +6,9 @@ final mean accuracy, wall time and each site's final epsilon for
 - ``private``: the default (DP at epsilon 8, probe-then-lora),
 - ``non-private``: the same recipe with ``dp = false``,
 - ``plain non-private``: LoRA + head from round 1, AdamW, no DP (``recipe = lora``),
-- ``plain private``: the same plain recipe under DP-SGD at epsilon 8 (the recipe that collapses).
+- ``plain private``: the same plain recipe under DP-SGD at epsilon 8 (the recipe that collapses),
+- ``private, CLS pooler`` / ``non-private, CLS pooler``: the default recipe on the checkpoint's own
+  head (``pooling = "model"``: BERT's first-token pooler) instead of mean pooling.
 
 Usage: ``python -m simulations.bench_dp_utility [--only NAME ...] [--out PATH]``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +28,8 @@ VARIANTS = {
     "non-private": "dp=false",
     "plain non-private": "dp=false recipe='lora' num-rounds=3",
     "plain private": "recipe='lora' num-rounds=3",
+    "private, CLS pooler": "pooling='model'",
+    "non-private, CLS pooler": "pooling='model' dp=false",
 }
 
 
@@ -32,7 +37,8 @@ def run_variant(name: str, overrides: str, out_root: Path) -> dict:
     """Run one variant end to end and read its summary."""
     from simulations.run import parse_overrides
 
-    folder = out_root / name.replace(" ", "-")
+    folder = out_root / name.replace(" ", "-").replace(",", "")
+    shutil.rmtree(folder, ignore_errors=True)  # a kept ledger would carry its spent budget into this run
     extra = f"{overrides} output-dir='{folder}'".strip()
     config = prepare_config(parse_overrides(extra), Path.cwd())
     started = time.time()
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2), encoding="utf-8")
         row = results[-1]
-        print(f"{name:<18} accuracy {row['accuracy']:.3f}  wall {row['wall_seconds']:.0f} s  "
+        print(f"{name:<24} accuracy {row['accuracy']:.3f}  wall {row['wall_seconds']:.0f} s  "
               f"epsilon {max(row['epsilon'].values(), default=0.0):.2f}", flush=True)
     print("\n| variant | final mean accuracy | wall seconds | max site epsilon |\n|---|---|---|---|")
     for row in results:

@@ -14,10 +14,15 @@ from fedcl.run_config import RunConfig
 VOCAB, LENGTH, LABELS = 100, 12, 3
 
 
-def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """A 2-layer BERT (hidden 32) with fedcl's LoRA settings, in eval mode like ``from_pretrained``."""
+def tiny_model(seed: int = 0, pooling: str = "model") -> torch.nn.Module:
+    """A 2-layer BERT (hidden 32) with fedcl's LoRA settings, in eval mode like ``from_pretrained``.
+
+    ``pooling = "model"``: BERT's own classifier (pooler); ``"mean"``: fedcl's mean-pooled classifier.
+    """
     from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from fedcl.pooled_classifier import MeanPooledClassifier
 
     torch.manual_seed(seed)
     config = BertConfig(
@@ -25,7 +30,8 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
         max_position_embeddings=32, num_labels=LABELS,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # deterministic forward for comparisons
     )
-    model = get_peft_model(BertForSequenceClassification(config), LoraConfig(**lora_settings(RunConfig())))
+    base = BertForSequenceClassification(config) if pooling == "model" else MeanPooledClassifier(BertModel(config), LABELS)
+    model = get_peft_model(base, LoraConfig(**lora_settings(RunConfig())))
     with torch.no_grad():  # LoRA B starts at zero, which makes every LoRA A gradient zero: move it off zero
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -84,9 +90,10 @@ def fingerprint(model: torch.nn.Module) -> dict[str, object]:
     return seen
 
 
-def test_per_sample_gradients_of_every_trainable_tensor_match_a_one_example_loop() -> None:
+@pytest.mark.parametrize("pooling", ["model", "mean"])
+def test_per_sample_gradients_of_every_trainable_tensor_match_a_one_example_loop(pooling: str) -> None:
     """The guard against peft/opacus pairs that corrupt LoRA per-sample gradients (opacus issue 820)."""
-    assert_per_sample_gradients_match_loop(tiny_model(), tiny_data())
+    assert_per_sample_gradients_match_loop(tiny_model(pooling=pooling), tiny_data())
 
 
 def test_two_private_calls_on_one_model_leave_no_trace_and_gradients_stay_correct() -> None:
