@@ -130,9 +130,22 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
         "PYTHONUNBUFFERED": "1",
+        # A SuperLink of its own on free ports: `flwr run` reuses whatever answers on its default local port,
+        # so two runs at once (or a leftover SuperLink) would share one, and the first to finish would stop it.
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_local_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_local_port()),
     })
     (flwr_home / "ray").mkdir(parents=True, exist_ok=True)
     return env
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _log_tail(log_path: Path, lines: int = 25) -> str:

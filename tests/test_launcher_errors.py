@@ -62,3 +62,18 @@ def test_flower_environment_finds_the_superlink_without_an_activated_venv(tmp_pa
     found = shutil.which("flower-superlink", path=env["PATH"])
     assert found is not None and Path(found).parent == Path(sys.executable).parent
     assert env["PATH"].endswith("/usr/bin:/bin")
+
+
+def test_each_run_gets_its_own_superlink_ports(tmp_path):
+    """Two runs at once must not share a SuperLink: the first to finish would stop it under the other."""
+    import socket
+
+    from simulations.run import flower_environment
+
+    first, second = flower_environment(tmp_path / "a"), flower_environment(tmp_path / "b")
+    keys = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
+    ports = [int(env[key]) for env in (first, second) for key in keys]
+    assert len(set(ports)) == 4 and not {39091, 39093} & set(ports)  # not Flower's shared defaults
+    for port in ports:  # free right now
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", port))
