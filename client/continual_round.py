@@ -54,7 +54,7 @@ from client.replay_buffer import ReplayBuffer, training_pool
 from client.site_runtime import SiteRuntime, dataset_and_sites
 from client.site_state import SiteState
 from client.warm_calibration import noise_for_plan
-from client.site_trainer import (PROBE, PROBE_MOMENTUM, UNBOUNDED_CLIP, RoundResult, _privacy_metrics,
+from client.site_trainer import (PROBE, PROBE_MOMENTUM, UNBOUNDED_CLIP, RoundResult, _privacy_metrics, budget_stop,
                                  cached_head_inputs, open_ledger)
 from fedcl.experience_schedule import ExperienceSchedule
 from simulations.continual_setup import streams_of
@@ -135,8 +135,7 @@ def train_continual_round(runtime: SiteRuntime, round_config: Mapping[str, Any],
     try:
         sigma = config.noise_multiplier or noise_for_plan(state.noise_plan, _with_fixed(ledger, fixed), plan).noise_multiplier
     except BudgetError as err:  # nothing left for the remaining plan: the hard stop, not a crash
-        return RoundResult("skipped", f"privacy budget: {err}", {**facts, "epsilon": ledger.epsilon(),
-                                                                 "stopped-for-budget": 1})
+        return budget_stop(ledger, err, facts)
     importance_step = _importance_step(runtime, context, pending, sigma)
     round_rate = _sample_rate(config.probe_batch_size if phase == PROBE else config.batch_size, len(pool))
     round_steps = config.probe_steps if phase == PROBE else config.local_steps

@@ -33,7 +33,7 @@ from client.nearest_class_mean import class_feature_sums, mean_pooled_features, 
 from client.privacy_ledger import BudgetError
 from client.site_runtime import SiteRuntime, site_runtime
 from client.site_state import site_state
-from client.site_trainer import RoundResult, _privacy_metrics, open_ledger
+from client.site_trainer import RoundResult, _privacy_metrics, budget_stop, open_ledger
 from client.warm_calibration import noise_for_plan
 from fedcl.model_factory import configure_torch_threads
 from strategies.ncm_aggregator import SUMS  # the one array of a release and of the global state
@@ -95,8 +95,7 @@ def release_round(runtime: SiteRuntime, round_config: dict, state: Any) -> tuple
     try:
         sigma = config.noise_multiplier or noise_for_plan(state.noise_plan, ledger, remaining).noise_multiplier
     except BudgetError as err:  # nothing left for the remaining releases: the hard stop, not a crash
-        return RoundResult("skipped", f"privacy budget: {err}", {**facts, "epsilon": ledger.epsilon(),
-                                                                 "stopped-for-budget": 1}), None
+        return budget_stop(ledger, err, facts), None
     if not ledger.can_afford(sigma, 1.0, 1):
         spent = ledger.epsilon()
         return RoundResult("skipped", f"privacy budget: epsilon spent {spent:.3f} of {config.target_epsilon}; "

@@ -55,6 +55,8 @@ def mean_pooled_features(model: Any, inputs: Mapping[str, Any], batch_size: int 
     """
     import torch
 
+    from fedcl.pooled_classifier import mean_pool
+
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size!r}: use at least 1")
     mask_all = inputs.get("attention_mask")
@@ -69,10 +71,8 @@ def mean_pooled_features(model: Any, inputs: Mapping[str, Any], batch_size: int 
                 chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
                 output = model(**chunk, output_hidden_states=True)
                 hidden = output.hidden_states[-1] if getattr(output, "hidden_states", None) else output.last_hidden_state
-                mask = (mask_all[start:start + batch_size] if mask_all is not None
-                        else torch.ones(hidden.shape[:2])).to(hidden.dtype).unsqueeze(-1)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-                chunks.append(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy())
+                mask = mask_all[start:start + batch_size] if mask_all is not None else None
+                chunks.append(mean_pool(hidden, mask).cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), dtype=np.float32)

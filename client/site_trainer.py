@@ -129,6 +129,12 @@ def train_round(runtime: SiteRuntime, instructions: RoundInstructions, state: Si
     return result
 
 
+def budget_stop(ledger: PrivacyLedger, err: BudgetError, facts: dict[str, Any]) -> RoundResult:
+    """The hard stop when no noise level fits the remaining plan: skip the round with the reason, not crash."""
+    return RoundResult("skipped", f"privacy budget: {err}",
+                       {**facts, "epsilon": ledger.epsilon(), "stopped-for-budget": 1})
+
+
 def open_ledger(state: SiteState, config: Any) -> PrivacyLedger:
     """Load the site's ledger from disk (never from memory); create it only for a site that never trained.
 

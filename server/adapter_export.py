@@ -25,11 +25,12 @@ def export_adapter(folder: Path, config: RunConfig, arrays: dict[str, np.ndarray
     Load it with :func:`fedcl.exported_adapter.load_exported_model`, i.e.
     ``PeftModel.from_pretrained(load_base_classifier(base, pooling, K), folder)``.
     """
-    adapter = load_adapter_model(config, num_labels=head_size(arrays))
+    num_labels = head_size(arrays)
+    adapter = load_adapter_model(config, num_labels=num_labels)
     set_trainable_arrays(adapter.model, arrays, partial=config.strategy == "ffa")  # FFA: A is the seeded one
     adapter.model.save_pretrained(str(folder))
     adapter.tokenizer.save_pretrained(str(folder))
-    describe_export(folder, resolve_model_path(config.model), config.pooling, head_size(arrays), label_names)
+    describe_export(folder, resolve_model_path(config.model), config.pooling, num_labels, label_names)
     base = adapter.model.get_base_model()
     return int(sum(p.numel() * p.element_size() for n, p in base.named_parameters()
                    if "lora_" not in n and "modules_to_save" not in n))
