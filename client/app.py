@@ -1,79 +1,98 @@
-"""The ClientApp: thin Flower glue over the site trainer.
+"""The ClientApp: thin Flower glue over the one site round.
 
-Train: load the global adapter from the message (or the seeded initial one
-when the message carries none), run the round's phase (client/site_trainer.py:
-DP-SGD, the privacy ledger, the hard stop), reply with the trainable tensors
-and metrics, or with no update and the reason. Evaluate: load the global
-adapter and evaluate on the site's own test split.
+Train: read the site's policy (node config) and check the run's proposal
+against it, install the global adapter from the message (or the seeded
+initial one), run the site round (``client/site_round.py``), reply with the
+trained tensors (or the class-sum release) and the allow-listed metrics, or
+with no update and the reason. Evaluate: install the global model and
+evaluate it on the site's own test split.
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.continual_round import experience_metrics, train_continual_round
-from client.head_features import evaluate_head, head_module
-from client.ncm_round import ncm_evaluate, ncm_train
+from client.evaluation import evaluate_adapter, evaluate_class_sums
+from client.site_budget import SiteBusyError
+from client.site_policy import SitePolicy, check_proposal, site_policy
+from client.site_round import RoundResult, site_round
 from client.site_runtime import SiteRuntime, site_runtime
-from client.site_state import keep_private_metrics, site_state
-from client.site_trainer import RoundInstructions, cached_head_inputs, train_round
+from client.site_state import open_state
 from client.update_codec import install_global, received_arrays, reply_arrays, strategy_freezing
 from fedcl.model_factory import configure_torch_threads
-from strategies.site_strategy import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, SITE_RECORD, to_record
+from fedcl.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    LABEL_NAMES,
+    METRICS_RECORD,
+    REASON,
+    SERVER_ROUND,
+    SITE_NAME,
+    SITE_RECORD,
+    STATUS,
+    allowed_train_metrics,
+    to_numpy,
+    to_record,
+)
+from strategies.ncm_aggregator import SUMS  # the one array of a class-sum release and of the global state
 
 app = ClientApp()
 
 
-def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, dict]:
-    """Parse configs, load data and model, install the received adapter."""
+def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, SitePolicy, dict]:
+    """Parse configs, check the run's privacy proposal against the site's policy, load data and model."""
     configure_torch_threads()
+    policy = site_policy(context.node_config)
     runtime = site_runtime(context.run_config, context.node_config)
-    install_global(runtime, received_arrays(msg, runtime))  # decoded; FFA: A from the seeded state
+    check_proposal(policy, runtime.config)
     round_config = dict(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()))
-    return runtime, round_config
+    return runtime, policy, round_config
 
 
 def _site_record(runtime: SiteRuntime, status: str, reason: str = "") -> ConfigRecord:
-    return ConfigRecord({"site": runtime.data.name, "status": status, "reason": reason,
-                         "label-names": list(runtime.data.label_names)})
+    return ConfigRecord({SITE_NAME: runtime.data.name, STATUS: status, REASON: reason,
+                         LABEL_NAMES: list(runtime.data.label_names)})
+
+
+def reply_metrics(result: RoundResult, dp: bool) -> dict[str, float]:
+    """The result's metrics restricted to the allow-list (``fedcl/protocol.py``); anything else stays on site."""
+    allowed = allowed_train_metrics(dp)
+    return {key: value for key, value in result.metrics.items() if key in allowed}
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received adapter on this site's private training split (or decline, with the reason)."""
-    if context.run_config.get("recipe") == "ncm":  # releases class sums, not an adapter: client/ncm_round.py
-        return ncm_train(msg, context)
-    runtime, round_config = _prepare(msg, context)
-    state = site_state(context.node_config, str(round_config.get("run-dir", "")), runtime.data.name)
-    with strategy_freezing(runtime):  # FFA: lora_A frozen while training
-        result = (train_continual_round(runtime, round_config, state) if runtime.config.continual  # a stream
-                  else train_round(runtime, RoundInstructions.from_config(round_config), state))
-    released = keep_private_metrics(result.metrics, state, int(round_config.get("server-round", 0))) \
-        if runtime.config.dp else result.metrics
-    metrics = MetricRecord({"num-examples": len(runtime.data.train), **released})
-    content = RecordDict({METRICS_RECORD: metrics, SITE_RECORD: _site_record(runtime, result.status, result.reason)})
+    """Run this site's round on its private training records (or decline, with the reason)."""
+    runtime, policy, round_config = _prepare(msg, context)
+    ncm = runtime.config.recipe == "ncm"
+    received = {} if ncm else received_arrays(msg, runtime)
+    if not ncm:
+        install_global(runtime, received)  # decoded; FFA: A from the seeded state
+    state = open_state(policy.state_dir)
+    try:
+        with strategy_freezing(runtime):  # FFA: lora_A frozen while training
+            result = site_round(runtime, policy, state, round_config)
+    except SiteBusyError as err:
+        result = RoundResult("refused", str(err))
+    content = RecordDict({METRICS_RECORD: MetricRecord(reply_metrics(result, policy.dp)),
+                          SITE_RECORD: _site_record(runtime, result.status, result.reason)})
     if result.status == "trained":
-        content[ARRAYS_RECORD] = to_record(reply_arrays(runtime, received_arrays(msg, runtime)))
+        arrays = {SUMS: result.release} if result.release is not None else reply_arrays(runtime, received)
+        content[ARRAYS_RECORD] = to_record(arrays)
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on this site's own test split.
-
-    The head runs on the test split's head inputs, cached per adapter state:
-    the same numbers as a full forward pass (tests/test_head_features.py),
-    and no transformer pass at all while the LoRA factors stay unchanged (the
-    probe phase).
-    """
-    if context.run_config.get("recipe") == "ncm":
-        return ncm_evaluate(msg, context)
-    runtime, round_config = _prepare(msg, context)
-    outcome = evaluate_head(head_module(runtime.adapter.model), cached_head_inputs(runtime, "test"),
-                            runtime.data.test.labels)
-    metrics = MetricRecord({"num-examples": outcome.examples, "eval-loss": outcome.loss,
-                            "accuracy": outcome.accuracy, "eval-seconds": outcome.seconds,
-                            **experience_metrics(runtime, round_config)})  # a stream: per-experience counts
-    content = RecordDict({METRICS_RECORD: metrics, SITE_RECORD: _site_record(runtime, "evaluated")})
+    """Evaluate the received global model on this site's own test split."""
+    runtime, _, round_config = _prepare(msg, context)
+    server_round = int(round_config.get(SERVER_ROUND, 1))
+    if runtime.config.recipe == "ncm":
+        received = msg.content.array_records.get(ARRAYS_RECORD, ArrayRecord())
+        metrics = evaluate_class_sums(runtime, to_numpy(received).get(SUMS) if len(received) else None, server_round)
+    else:
+        install_global(runtime, received_arrays(msg, runtime))
+        metrics = evaluate_adapter(runtime, server_round)
+    content = RecordDict({METRICS_RECORD: MetricRecord(metrics), SITE_RECORD: _site_record(runtime, "evaluated")})
     return Message(content=content, reply_to=msg)

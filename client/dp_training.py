@@ -1,32 +1,39 @@
 """Private local training: DP-SGD with Opacus on the adapter model, or on a linear head over cached features.
 
-The mechanism (both entry points): each step draws a Poisson batch (every
-record independently with probability ``sample_rate = expected_batch_size /
-records``, Opacus' ``UniformWithReplacementSampler``), computes per-sample
-gradients of the trainable parameters with Opacus hooks (``GradSampleModule``),
-clips each to ``max_grad_norm``, adds Gaussian noise of std ``noise_multiplier *
-max_grad_norm`` and divides by ``expected_batch_size`` (``DPOptimizer``). The
-loss is a mean over the batch, and the hooks are told so (``loss_reduction =
-"mean"``): with a mismatch the per-sample gradients are off by the batch size.
+Both entry points run exactly the :class:`~client.mechanisms.SgdMechanism`
+the site's budget priced, nothing recomputed: ``mechanism.steps`` steps, each
+drawing a Poisson batch (every record independently with probability
+``mechanism.sample_rate``, over however many records are passed, none
+included), computing per-sample gradients of the trainable parameters with
+Opacus hooks (``GradSampleModule``), clipping each to
+``mechanism.max_grad_norm``, adding Gaussian noise of std ``noise_multiplier *
+max_grad_norm`` to the clipped sum and dividing by
+``mechanism.expected_batch_size`` (a public constant, not the record count)
+(:class:`SourcedDPOptimizer`, Opacus' ``DPOptimizer`` with the noise drawn
+from the round's :class:`~client.secure_noise.NoiseSource`). The loss is a
+mean over the batch, and the hooks are told so (``loss_reduction = "mean"``):
+with a mismatch the per-sample gradients are off by the batch size.
+
+Both the batch membership and the noise come from the ``NoiseSource``:
+:meth:`~client.secure_noise.NoiseSource.secure` in a deployment,
+:meth:`~client.secure_noise.NoiseSource.seeded` in tests and benchmarks.
+
+Fixed shapes under privacy: a private mechanism runs every batch at the full
+padded length (no trimming of padding columns), so a step's time does not
+depend on how long the batch's longest record is (a site's reply timing is
+visible to the server). A non-private mechanism trims, as plain training does.
 
 Opacus is attached for one call only and removed afterwards, leaving the model
 exactly as it was (no hooks, no ``grad_sample`` or ``summed_grad`` attributes,
 same train/eval modes): the same model object serves every round and every
 virtual site of a simulation process. Nothing is accounted here: the caller
-records the returned :class:`PrivateOutcome` in the site's privacy ledger.
-
-Randomness: ``seed = None`` (the private default) draws the sampling and noise
-generators from the operating system. A fixed seed makes a run reproducible
-(tests, benchmarks) but anyone who knows it can regenerate and subtract the
-noise, and reusing one seed across rounds repeats the same noise: never ship a
-known or repeated seed in a deployment.
+records ``mechanism.ledger_entry`` in the site's privacy ledger.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,13 +42,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from opacus.optimizers import DPOptimizer
 
 from client.local_training import Encoded, trim_padding
-from client.privacy_ledger import validate_clip
+from client.mechanisms import SgdMechanism
+from client.secure_noise import NoiseSource
 
 ExtraGradient = Callable[[dict[str, torch.nn.Parameter]], dict[str, torch.Tensor]]
 OPTIMIZERS = ("sgd", "adamw")
 LOSS_REDUCTION = "mean"  # the batch loss is a mean; Opacus' hooks and DPOptimizer must be told the same
+PROCESSED_FLAG = "_processed"  # the attribute Opacus marks a used grad_sample/summed_grad with (see add_noise)
 # What Opacus (hooks, DPOptimizer) may leave on parameters and modules; all removed after each call.
 _PARAM_TRACES = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
 _MODULE_TRACES = ("activations", "max_batch_len", "autograd_grad_sample_hooks", "ft_compute_sample_grad")
@@ -49,21 +59,53 @@ _MODULE_TRACES = ("activations", "max_batch_len", "autograd_grad_sample_hooks", 
 
 @dataclass(frozen=True)
 class PrivateOutcome:
-    """What one private training call did: the ledger entry and the local diagnostics.
+    """What one private training call did: the mechanism's settings and the local diagnostics.
 
-    ``(noise_multiplier, sample_rate, steps)`` is what the privacy ledger must
-    record. ``mean_loss`` and ``mean_batch_size`` are computed from private data
-    without noise: they are not covered by the DP guarantee.
+    The caller records ``mechanism.ledger_entry`` in the privacy ledger, not
+    this object. ``mean_loss`` and ``mean_batch_size`` are computed from
+    private data without noise: they are not covered by the DP guarantee and
+    must not leave the site.
     """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
     max_grad_norm: float
-    expected_batch_size: int
+    expected_batch_size: float
     mean_loss: float
     mean_batch_size: float
     seconds: float
+
+
+class SourcedDPOptimizer(DPOptimizer):
+    """Opacus' ``DPOptimizer`` (clipping, accumulation, scaling unchanged) with its noise from a NoiseSource.
+
+    Only :meth:`add_noise` differs: the Gaussian of std ``noise_multiplier *
+    max_grad_norm`` comes from ``noise.gaussian`` (OS CSPRNG and Opacus'
+    secure_mode summing when the source is secure) instead of a torch
+    generator. Opacus' processed-flag checks are kept: a ``summed_grad`` that
+    already received noise is refused until ``zero_grad``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: float, loss_reduction: str = LOSS_REDUCTION) -> None:
+        """Wrap ``optimizer``; arguments as ``DPOptimizer``'s, plus the ``noise`` source (no generator)."""
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+        self.noise = noise
+
+    def add_noise(self) -> None:
+        """Add the noise to each clipped sum and store the result in ``p.grad`` (as ``DPOptimizer.add_noise``)."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            if hasattr(p.summed_grad, PROCESSED_FLAG):
+                raise ValueError(
+                    "Gradients haven't been cleared since the last optimizer step; call zero_grad() before each "
+                    "step, or the same clipped sum would be released twice"
+                )
+            noise = self.noise.gaussian(p.summed_grad.shape, std, p.summed_grad.device, p.summed_grad.dtype)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            setattr(p.summed_grad, PROCESSED_FLAG, True)
 
 
 @contextlib.contextmanager
@@ -114,68 +156,70 @@ def _scrub(model: torch.nn.Module) -> None:
 def train_private(
     model: torch.nn.Module,
     data: Encoded,
-    steps: int,
-    expected_batch_size: int,
+    mechanism: SgdMechanism,
     learning_rate: float,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    seed: int | None,
+    noise: NoiseSource,
     *,
     optimizer: str = "sgd",
     momentum: float = 0.0,
     extra_gradient: ExtraGradient | None = None,
 ) -> PrivateOutcome:
-    """DP-SGD on the trainable parameters (LoRA and head) of a sequence classifier, ``steps`` Poisson batches.
+    """Run ``mechanism`` as DP-SGD on the trainable parameters (LoRA and head) of a sequence classifier.
 
-    The loss is the mean cross-entropy of the batch. ``extra_gradient``, if
-    given, is called before each optimiser step with the trainable parameters
-    by name and returns tensors (by the same names, any subset) that are ADDED
-    to their gradients after clipping, noise and averaging: the way to apply a
-    regulariser such as EWC, whose term in the loss Opacus would ignore. For
-    the release to stay private it must depend only on already-private or
-    public values (the global model, noised statistics), not on raw site data.
+    Exactly ``mechanism.steps`` steps of Poisson batches at
+    ``mechanism.sample_rate`` over the records of ``data`` (zero records is
+    allowed: every step is then noise only, and still counts); the update of
+    each step is (clipped sum + noise) / ``mechanism.expected_batch_size``.
+    ``mechanism.steps = 0`` changes nothing and returns ``steps = 0``. The loss
+    is the mean cross-entropy of the batch; a private mechanism feeds every
+    batch at the full padded length (see the module docstring). All draws come
+    from ``noise``. ``extra_gradient``, if given, is called before each
+    optimiser step with the trainable parameters by name and returns tensors
+    (by the same names, any subset) that are ADDED to their gradients after
+    clipping, noise and averaging: the way to apply a regulariser such as EWC,
+    whose term in the loss Opacus would ignore. For the release to stay
+    private it must depend only on already-private or public values (the
+    global model, noised statistics), not on raw site data. Raises ValueError
+    for settings that make no sense, before any training.
     """
-    _check_count("expected_batch_size", expected_batch_size, upper=len(data), what="records on this site")
+    _check_settings(mechanism, learning_rate, noise, optimizer, momentum)
     device = _device_of(model)
+    fixed_shape = mechanism.private
 
     def batch_loss(index: torch.Tensor) -> torch.Tensor:
-        inputs = {name: tensor.to(device) for name, tensor in trim_padding(data.rows(index)).items()}
+        rows = data.rows(index)
+        inputs = {name: tensor.to(device) for name, tensor in (rows if fixed_shape else trim_padding(rows)).items()}
         logits = model(**inputs).logits
         return F.cross_entropy(logits, data.labels[index].to(device), reduction=LOSS_REDUCTION)
 
-    return _dp_sgd(
-        model, batch_loss, len(data), steps, expected_batch_size, learning_rate, noise_multiplier,
-        max_grad_norm, seed, optimizer, momentum, extra_gradient,
-    )
+    return _dp_sgd(model, batch_loss, len(data), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
 
 
 def train_private_features(
     head: torch.nn.Module,
     features: torch.Tensor,
     labels: torch.Tensor,
-    steps: int,
-    expected_batch_size: int,
+    mechanism: SgdMechanism,
     learning_rate: float,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    seed: int | None,
+    noise: NoiseSource,
     *,
     optimizer: str = "sgd",
     momentum: float = 0.0,
     extra_gradient: ExtraGradient | None = None,
 ) -> PrivateOutcome:
-    """DP-SGD of a head (e.g. ``torch.nn.Linear``) on cached feature vectors: the private linear-probe phase.
+    """Run ``mechanism`` as DP-SGD of a head (e.g. ``torch.nn.Linear``) on cached feature vectors (the linear probe).
 
-    ``features`` is ``(records, dim)``, ``labels`` ``(records,)`` class indices;
-    the loss is mean cross-entropy of ``head(features)``. Same mechanism,
-    outcome and ``extra_gradient`` contract as :func:`train_private`.
+    ``features`` is ``(records, dim)``, ``labels`` ``(records,)`` class indices
+    (``records = 0`` allowed); the loss is mean cross-entropy of
+    ``head(features)``. Same mechanism, outcome, noise and ``extra_gradient``
+    contract as :func:`train_private`.
     """
     if features.dim() != 2 or labels.dim() != 1 or features.shape[0] != labels.shape[0]:
         raise ValueError(
             f"features {tuple(features.shape)} and labels {tuple(labels.shape)} do not match; "
             "pass features as (records, dim) and labels as (records,)"
         )
-    _check_count("expected_batch_size", expected_batch_size, upper=len(labels), what="records on this site")
+    _check_settings(mechanism, learning_rate, noise, optimizer, momentum)
     device = _device_of(head)
     labels = labels.long()
 
@@ -183,74 +227,59 @@ def train_private_features(
         logits = head(features[index].to(device))
         return F.cross_entropy(logits, labels[index].to(device), reduction=LOSS_REDUCTION)
 
-    return _dp_sgd(
-        head, batch_loss, len(labels), steps, expected_batch_size, learning_rate, noise_multiplier,
-        max_grad_norm, seed, optimizer, momentum, extra_gradient,
-    )
+    return _dp_sgd(head, batch_loss, len(labels), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
 
 
 def _dp_sgd(
     module: torch.nn.Module,
     batch_loss: Callable[[torch.Tensor], torch.Tensor],
     records: int,
-    steps: int,
-    expected_batch_size: int,
+    mechanism: SgdMechanism,
     learning_rate: float,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    seed: int | None,
+    noise: NoiseSource,
     optimizer: str,
     momentum: float,
     extra_gradient: ExtraGradient | None,
 ) -> PrivateOutcome:
-    """The DP-SGD loop shared by both entry points."""
-    _check_settings(steps, learning_rate, noise_multiplier, max_grad_norm, optimizer, momentum)
-    from opacus.optimizers import DPOptimizer
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
+    """The DP-SGD loop shared by both entry points (settings already checked): exactly ``mechanism.steps`` batches."""
     started = time.perf_counter()
-    sample_rate = expected_batch_size / records
-    sampling, noise = _generators(seed, _device_of(module))
     losses: list[float] = []
     sizes: list[int] = []
-    with per_sample_gradient_hooks(module) as named:
-        params = list(named.values())
-        private = DPOptimizer(
-            _base_optimizer(optimizer, params, learning_rate, momentum),
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction=LOSS_REDUCTION,
-            generator=noise,
-        )
-        batches = UniformWithReplacementSampler(
-            num_samples=records, sample_rate=sample_rate, generator=sampling, steps=steps
-        )
-        for batch in batches:
-            private.zero_grad(set_to_none=True)
-            index = torch.as_tensor(batch, dtype=torch.long)
-            if len(index) == 0:  # Poisson drew nobody: the step is noise only, and still counts
-                for param in params:
-                    param.grad_sample = param.new_zeros((0, *param.shape))
-            else:
-                loss = batch_loss(index)
-                with warnings.catch_warnings():  # LoRA layers fed by frozen layers: expected, and harmless here
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-                    loss.backward()
-                losses.append(float(loss.detach()))
-            sizes.append(len(index))
-            private.pre_step()  # clip, accumulate, add noise, divide by the expected batch size
-            if extra_gradient is not None:
-                _add_extra_gradient(named, extra_gradient(named))
-            private.original_optimizer.step()
+    if mechanism.steps > 0:
+        with per_sample_gradient_hooks(module) as named:
+            params = list(named.values())
+            private = SourcedDPOptimizer(
+                _base_optimizer(optimizer, params, learning_rate, momentum),
+                noise=noise,
+                noise_multiplier=mechanism.noise_multiplier,
+                max_grad_norm=mechanism.max_grad_norm,
+                expected_batch_size=mechanism.expected_batch_size,
+            )
+            for _ in range(mechanism.steps):
+                index = noise.poisson(records, mechanism.sample_rate)
+                private.zero_grad(set_to_none=True)
+                if len(index) == 0:  # Poisson drew nobody (or there is nobody): the step is noise only, and counts
+                    for param in params:
+                        param.grad_sample = param.new_zeros((0, *param.shape))
+                else:
+                    loss = batch_loss(index)
+                    with warnings.catch_warnings():  # LoRA layers fed by frozen layers: expected, and harmless here
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                        loss.backward()
+                    losses.append(float(loss.detach()))
+                sizes.append(len(index))
+                private.pre_step()  # clip, accumulate, add noise, divide by the expected batch size
+                if extra_gradient is not None:
+                    _add_extra_gradient(named, extra_gradient(named))
+                private.original_optimizer.step()
     return PrivateOutcome(
-        noise_multiplier=float(noise_multiplier),
-        sample_rate=sample_rate,
+        noise_multiplier=float(mechanism.noise_multiplier),
+        sample_rate=float(mechanism.sample_rate),
         steps=len(sizes),
-        max_grad_norm=float(max_grad_norm),
-        expected_batch_size=expected_batch_size,
+        max_grad_norm=float(mechanism.max_grad_norm),
+        expected_batch_size=float(mechanism.expected_batch_size),
         mean_loss=float(np.mean(losses)) if losses else math.nan,
-        mean_batch_size=float(np.mean(sizes)),
+        mean_batch_size=float(np.mean(sizes)) if sizes else math.nan,
         seconds=time.perf_counter() - started,
     )
 
@@ -281,40 +310,25 @@ def _base_optimizer(name: str, params: list[torch.nn.Parameter], learning_rate: 
     return torch.optim.SGD(params, lr=learning_rate, momentum=momentum)
 
 
-def _generators(seed: int | None, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    """Independent generators for Poisson sampling (CPU, as Opacus' sampler wants) and for the noise."""
-    if seed is None:
-        sampling_seed, noise_seed = secrets.randbits(63), secrets.randbits(63)
-    else:
-        sampling_seed, noise_seed = seed, (seed * 0x9E3779B97F4A7C15 + 1) % 2**63
-    sampling = torch.Generator().manual_seed(sampling_seed)
-    noise = torch.Generator(device=device).manual_seed(noise_seed)
-    return sampling, noise
-
-
 def _device_of(module: torch.nn.Module) -> torch.device:
     first = next(module.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
 
 
-def _check_count(name: str, value: int, upper: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
-        raise ValueError(f"{name} = {value!r}: use a whole number from 1 to {upper} ({what})")
-
-
 def _check_settings(
-    steps: int, learning_rate: float, noise_multiplier: float, max_grad_norm: float, optimizer: str, momentum: float
+    mechanism: SgdMechanism, learning_rate: float, noise: NoiseSource, optimizer: str, momentum: float
 ) -> None:
-    """Reject nonsense before any training, with the fix in the message."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps = {steps!r}: use a whole number of at least 1")
+    """Reject nonsense before any training, with the fix in the message (the mechanism checks itself)."""
+    if not isinstance(mechanism, SgdMechanism):
+        raise ValueError(
+            f"mechanism {mechanism!r}: pass the client.mechanisms.SgdMechanism the site's budget priced"
+        )
+    if not isinstance(noise, NoiseSource):
+        raise ValueError(
+            f"noise {noise!r}: pass a client.secure_noise.NoiseSource (NoiseSource.secure() in a deployment)"
+        )
     if not learning_rate > 0 or not math.isfinite(learning_rate):
         raise ValueError(f"learning_rate = {learning_rate!r}: use a positive finite learning rate, e.g. 0.5 for SGD")
-    if not noise_multiplier >= 0 or not math.isfinite(noise_multiplier):
-        raise ValueError(
-            f"noise_multiplier = {noise_multiplier!r}: use a finite value >= 0 (calibrate it from the budget)"
-        )
-    validate_clip(max_grad_norm)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer = {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     if not 0.0 <= momentum < 1.0:

@@ -34,10 +34,12 @@ over the batch. Adding or removing one record changes that sum by a vector
 ``C**2``; Gaussian noise of std ``noise_multiplier * C**2`` on every batch sum
 makes each batch one step of the subsampled Gaussian mechanism with that
 noise multiplier and the batch sampler's sample rate: the same kind of step
-as DP-SGD's, so the ledger records ``(noise_multiplier, sample_rate,
-batches)`` (:class:`~client.gaussian_release.GaussianSteps`, returned with
-the estimate) and its epsilon grows by the composition. An empty Poisson
-batch still releases noise and still counts as a step.
+as DP-SGD's, described by the same :class:`~client.mechanisms.SgdMechanism`
+(``max_grad_norm`` is ``C``), so the ledger records the mechanism's
+``ledger_entry`` ``(noise_multiplier, sample_rate, steps)`` (also returned
+with the estimate) and its epsilon grows by the composition. An empty
+Poisson batch still releases noise and still counts as a step. The noise
+comes from the round's :class:`~client.secure_noise.NoiseSource`.
 
 Why not (b), post-processing the noisy DP-SGD gradients already released: the
 diagonal Fisher needs the per-example second moment ``E[g_i**2]``, but a
@@ -56,8 +58,8 @@ Persistence: importances and anchors of every term go to
 
 When to call what (a site, at the first round of experience ``e >= 1``,
 with the global model of the end of experience ``e-1`` loaded):
-``estimate_importance`` on experience ``e-1``'s training records (Poisson
-batches), record its ``ledger_steps``, ``state.consolidate(e-1, estimate.importance,
+``estimate_importance`` on ``mechanism.steps`` Poisson batches of experience
+``e-1``'s training records, record ``mechanism.ledger_entry``, ``state.consolidate(e-1, estimate.importance,
 anchor_arrays(model))``, ``state.save(dir)``; then at every DP-SGD step of
 experience ``e`` add ``state.penalty_gradient(model, lambda)`` to the noisy
 gradients.
@@ -70,13 +72,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 
-from client.gaussian_release import GaussianSteps
+from client.mechanisms import SgdMechanism, Step
 from client.state_files import load_arrays, save_arrays
 from fedcl.run_config import ConfigError
+
+if TYPE_CHECKING:  # torch is imported lazily here
+    from client.secure_noise import NoiseSource
 
 EWC_MODES = ("separate", "online")
 EWC_FILE = "ewc_state.safetensors"
@@ -110,62 +115,65 @@ class ImportanceEstimate:
     """Diagonal importances (>= 0) per trainable parameter name, and what the ledger must record."""
 
     importance: dict[str, np.ndarray]
-    ledger_steps: GaussianSteps
+    ledger_steps: Step  # the mechanism's ledger entry (noise_multiplier, sample_rate, steps)
     noise_std: float  # std of the noise left in each importance value (0 without noise)
 
 
 def estimate_importance(
     model: Any,
     batches: Iterable[Batch],
-    *,
-    clip_norm: float | None,
-    noise_multiplier: float,
-    sample_rate: float,
-    dataset_size: int,
-    generator: Any = None,
+    mechanism: SgdMechanism,
+    noise: "NoiseSource",
 ) -> ImportanceEstimate:
-    """Private diagonal empirical Fisher of the trainable parameters (see the module docstring, choice (a)).
+    """Run ``mechanism`` as the private diagonal empirical Fisher of the trainable parameters (choice (a) above).
 
-    ``batches`` yields ``(inputs, labels)`` drawn with Poisson sampling at
-    ``sample_rate`` from ``dataset_size`` records (an empty batch still counts).
-    The model is called as ``model(**inputs)`` for a dict, ``model(inputs)``
-    otherwise; its output (or ``.logits``) is the logits, and the loss is
-    cross-entropy. Each example's gradient is clipped to ``clip_norm``, squared
-    and summed; every batch sum gets Gaussian noise of std ``noise_multiplier *
-    clip_norm**2``; the total is divided by the expected number of examples
-    ``sample_rate * dataset_size * batches`` and clamped at 0. ``clip_norm =
-    None`` (no clipping) needs ``noise_multiplier = 0``: the plain, non-private
-    estimate. Only the layers that own trainable parameters run in train mode
-    (Opacus' hooks need it); everything else, dropout included, runs in eval
-    mode, so the estimate is deterministic. The per-sample gradients come from
+    ``batches`` yields exactly ``mechanism.steps`` ``(inputs, labels)`` batches
+    that the caller drew with Poisson sampling at ``mechanism.sample_rate`` (an
+    empty batch still counts); a different count raises ValueError, and so does
+    ``mechanism.steps = 0`` (there is nothing to estimate from). The model is
+    called as ``model(**inputs)`` for a dict, ``model(inputs)`` otherwise; its
+    output (or ``.logits``) is the logits, and the loss is cross-entropy. Each
+    example's gradient is clipped to ``mechanism.max_grad_norm``, squared and
+    summed; every batch sum gets Gaussian noise of std ``noise_multiplier *
+    max_grad_norm**2`` from ``noise``; the total is divided by
+    ``mechanism.expected_batch_size * mechanism.steps`` (public constants) and
+    clamped at 0. A non-private mechanism (``noise_multiplier = 0`` with
+    ``UNBOUNDED_CLIP``) gives the plain estimate. Only the layers that own
+    trainable parameters run in train mode (Opacus' hooks need it);
+    everything else, dropout included, runs in eval mode, so the estimate is
+    deterministic. The per-sample gradients come from
     :func:`client.dp_training.per_sample_gradient_hooks` (the same hooks as
-    DP-SGD), which restores every module's mode and removes every Opacus trace
-    and ``.grad`` afterwards; pass the plain model, not one an Opacus
+    DP-SGD), which restores every module's mode and removes every Opacus
+    trace and ``.grad`` afterwards; pass the plain model, not one an Opacus
     GradSampleModule currently wraps.
     """
-    _check_estimate_args(model, clip_norm, noise_multiplier, sample_rate, dataset_size)
+    _check_estimate_args(model, mechanism, noise)
     import torch
 
     from client.dp_training import per_sample_gradient_hooks
 
-    noise_std = 0.0 if clip_norm is None else noise_multiplier * clip_norm**2
+    clip = mechanism.max_grad_norm
+    noise_std = mechanism.noise_multiplier * clip**2
     steps = 0
     with per_sample_gradient_hooks(model) as params:  # restores modes and removes every Opacus trace on exit
         _dropout_off(model)
         totals = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in params.items()}
         for inputs, labels in batches:
             steps += 1
+            if steps > mechanism.steps:
+                break
             if len(labels) > 0:
-                _add_clipped_squares(model, params, totals, inputs, labels, clip_norm)
-            if noise_std > 0:
-                for name, total in totals.items():
-                    total += torch.normal(0.0, noise_std, size=total.shape, generator=generator, dtype=torch.float64)
-    if steps == 0:
-        raise ValueError("no batches: give at least one (Poisson-sampled) batch of the experience's records")
-    expected = sample_rate * dataset_size * steps
+                _add_clipped_squares(model, params, totals, inputs, labels, clip)
+            for total in totals.values():
+                total += noise.gaussian(total.shape, noise_std, "cpu", torch.float64)
+    if steps != mechanism.steps:
+        raise ValueError(
+            f"{'more than ' + str(mechanism.steps) if steps > mechanism.steps else steps} batches for a mechanism "
+            f"of {mechanism.steps} steps; draw exactly mechanism.steps Poisson batches at mechanism.sample_rate"
+        )
+    expected = mechanism.expected_batch_size * mechanism.steps
     importance = {name: (total / expected).clamp(min=0.0).to(torch.float32).numpy() for name, total in totals.items()}
-    return ImportanceEstimate(importance, GaussianSteps(float(noise_multiplier), float(sample_rate), steps),
-                              noise_std * math.sqrt(steps) / expected)
+    return ImportanceEstimate(importance, mechanism.ledger_entry, noise_std * math.sqrt(steps) / expected)
 
 
 @dataclass
@@ -316,21 +324,17 @@ def _unwrapped(model: Any) -> Any:
     return model
 
 
-def _check_estimate_args(model: Any, clip_norm: float | None, noise_multiplier: float, sample_rate: float,
-                         dataset_size: int) -> None:
+def _check_estimate_args(model: Any, mechanism: SgdMechanism, noise: Any) -> None:
     if _unwrapped(model) is not model:
         raise ValueError("pass the plain model, not an Opacus GradSampleModule (use its ._module)")
-    if clip_norm is None:
-        if noise_multiplier != 0:
-            raise ValueError("noise needs a clipping bound: set clip_norm (the DP-SGD max-grad-norm), or noise 0")
-    elif not (math.isfinite(clip_norm) and clip_norm > 0):
-        raise ValueError(f"clip_norm {clip_norm!r}: use a positive clipping norm, e.g. the DP-SGD max-grad-norm")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ValueError(f"noise_multiplier {noise_multiplier!r}: use a finite value >= 0")
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate {sample_rate!r}: use the Poisson sampler's rate, in (0, 1]")
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
-        raise ValueError(f"dataset_size {dataset_size!r}: use the number of records the batches are sampled from")
+    if not isinstance(mechanism, SgdMechanism):
+        raise ValueError(f"mechanism {mechanism!r}: pass the client.mechanisms.SgdMechanism the site's budget priced")
+    if mechanism.steps < 1:
+        raise ValueError("a mechanism of 0 steps estimates nothing; skip the importance pass or price >= 1 step")
+    from client.secure_noise import NoiseSource
+
+    if not isinstance(noise, NoiseSource):
+        raise ValueError(f"noise {noise!r}: pass a client.secure_noise.NoiseSource (NoiseSource.secure() in a deployment)")
 
 
 def _dropout_off(model: Any) -> None:
@@ -342,7 +346,7 @@ def _dropout_off(model: Any) -> None:
 
 
 def _add_clipped_squares(model: Any, params: Mapping[str, Any], totals: dict[str, Any], inputs: Any, labels: Any,
-                         clip_norm: float | None) -> None:
+                         clip_norm: float) -> None:
     """One batch: per-sample gradients, clipped jointly to ``clip_norm``, squared, summed into ``totals``."""
     import warnings
 
@@ -358,7 +362,7 @@ def _add_clipped_squares(model: Any, params: Mapping[str, Any], totals: dict[str
     samples = {name: torch.zeros((len(labels), *p.shape), dtype=torch.float64) if p.grad_sample is None
                else p.grad_sample.detach().to(torch.float64) for name, p in params.items()}
     norms = torch.sqrt(sum(g.reshape(len(labels), -1).pow(2).sum(dim=1) for g in samples.values()))
-    factor = torch.ones_like(norms) if clip_norm is None else (clip_norm / (norms + _CLIP_EPSILON)).clamp(max=1.0)
+    factor = (clip_norm / (norms + _CLIP_EPSILON)).clamp(max=1.0)
     for name, g in samples.items():
         totals[name] += (g * factor.view(-1, *([1] * (g.dim() - 1)))).pow(2).sum(dim=0)
 

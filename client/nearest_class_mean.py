@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from client.gaussian_release import GaussianSteps
+
+if TYPE_CHECKING:  # torch is imported lazily here
+    from client.secure_noise import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,12 @@ def class_feature_sums(features: np.ndarray, labels: np.ndarray, num_classes: in
 
 
 def release_class_sums(
-    sums: np.ndarray, classes: Sequence[int], noise_multiplier: float, rng: np.random.Generator
+    sums: np.ndarray, classes: Sequence[int], noise_multiplier: float, noise: "NoiseSource"
 ) -> ClassSumRelease:
     """Add Gaussian noise of std ``noise_multiplier`` (sensitivity 1) to the rows ``classes``; zero the rest.
+
+    The noise comes from ``noise`` (``NoiseSource.secure()`` in a deployment,
+    hardened as Opacus' secure_mode; ``NoiseSource.seeded`` in tests only).
 
     ``classes`` are the rows this release covers (e.g. the current experience's
     labels from the global plan, whether or not the site holds them). Raises
@@ -111,9 +117,13 @@ def release_class_sums(
         raise ValueError(f"classes must be 0 .. {len(sums) - 1}; got {rows.min()} .. {rows.max()}")
     if not noise_multiplier >= 0:
         raise ValueError(f"noise_multiplier {noise_multiplier!r}: use a value >= 0 (0 only for a non-private run)")
+    from client.secure_noise import NoiseSource
+
+    if not isinstance(noise, NoiseSource):
+        raise ValueError(f"noise {noise!r}: pass a client.secure_noise.NoiseSource (NoiseSource.secure() in a deployment)")
     others = np.setdiff1d(np.arange(len(sums)), rows)
     if np.any(sums[others] != 0):
         raise ValueError("the sums hold records of classes outside `classes`; release every class that has records")
     noisy = np.zeros_like(sums)
-    noisy[rows] = sums[rows] + rng.normal(0.0, noise_multiplier, size=(len(rows), sums.shape[1]))
+    noisy[rows] = sums[rows] + noise.gaussian_numpy((len(rows), sums.shape[1]), float(noise_multiplier))
     return ClassSumRelease(noisy, tuple(int(r) for r in rows), GaussianSteps(float(noise_multiplier), 1.0, 1))

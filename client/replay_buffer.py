@@ -1,252 +1,235 @@
-"""A site's replay buffer: which of its own past training records it keeps, by Avalanche's storage policies.
+"""A site's replay buffer: which of its own past training records it keeps, one independent Bernoulli draw per record.
 
-The buffer holds up to ``replay-size`` positions into the site's train split
-(rows of its encoded tensors) with their labels. It is updated once per
-experience, after the site's last round of that experience, with that
-experience's training positions; while experience ``e`` trains, the buffer
-holds records of experiences ``< e`` only.
+What is kept: positions (rows of the site's train split) of past training
+records. The buffer absorbs each experience once, after the site's last round
+of it; while experience ``e`` trains, the buffer holds records of experiences
+``< e`` only. A record offered to the buffer is kept iff
 
-Policies (run-config key ``replay-policy``), both Avalanche 0.6 storage
-policies driven outside any strategy through ``update_from_dataset`` on a tiny
-``AvalancheDataset`` over (position, label) tensors:
+    u(record) = HMAC-SHA256(site_key, record_id) read as a number in [0, 1)  <  inclusion_probability
 
-- ``reservoir`` (``ReservoirSamplingBuffer``): every record ever offered gets
-  a uniform random weight; the buffer keeps the ``replay-size`` largest, i.e. a
-  uniform sample of all records seen so far. Each past experience is held in
-  proportion to its size (in expectation: a tiny experience can lose all its
-  records to chance).
-- ``class-balanced`` (``ClassBalancedBuffer``, adaptive size): one reservoir
-  per class, capacity split evenly over the classes seen so far (remainder to
-  the first ones). Every seen class keeps ``replay-size // classes`` records
-  (or all it has), so in a class-incremental stream every past experience is
-  represented as long as ``replay-size`` is at least the number of classes.
+where ``record_id`` identifies the record by its content (:func:`record_ids`:
+its token ids and label), never by its position, and ``site_key`` is a secret
+of the site (32 random bytes in ``replay.key`` in its state folder, created on
+first use, mode 0600). The inclusion probability is data-independent: the
+caller computes it from public values (run config, public plan) and this
+module only checks that it lies in (0, 1]. Expected size: inclusion
+probability x records offered (Binomial; there is no capacity, so the size is
+not capped, and a record is never evicted once kept).
 
-Reproducible and model-free: each update draws its weights from torch's
-generator seeded with ``(seed, experience)`` (the global torch random state is
-restored afterwards), and the rule sees only positions and labels, never the
-model.
+Why this is add/remove-one-record DP: given the key, each record's membership
+is a function of that record alone, so for neighbouring datasets ``D`` and
+``D + {x}`` the buffers are either identical (``x`` not kept) or differ in
+``x`` only: the training pool (:func:`training_pool`) of ``D + {x}`` is a
+neighbour of the pool of ``D``. The buffer's records are used only inside
+DP-SGD, which Poisson-samples that pool and whose ledger counts every step
+they are in, so the DP-SGD guarantee for neighbouring pools is the guarantee
+for neighbouring datasets. (No amplification from the Bernoulli selection is
+claimed, none is needed.) Two records with identical content share an id and
+hence a membership; that still changes no other record's membership.
 
-Persistence: Avalanche's buffers have no state_dict, so the state is kept as
-plain arrays (positions, labels, reservoir weights per group, the classes seen
-in Avalanche's order, the group capacities) in ``replay_buffer.safetensors``
-in the site's state folder, written atomically. Before an update the
-Avalanche buffer is rebuilt from that state; the reservoir weights go back
-into ``ReservoirSamplingBuffer._buffer_weights`` (the only private field
-touched; avalanche-lib is pinned at 0.6.0 and a test checks that a buffer
-saved and restored between updates ends exactly where an uninterrupted one
-does). Reading the buffer (:meth:`ReplayBuffer.positions`) needs no Avalanche.
+Why not Avalanche's storage policies (used here before): reservoir sampling
+keeps the ``k`` records with the largest random weights, and the
+class-balanced buffer splits its capacity over the classes seen. Which record
+is kept then depends on its position in the stream and on its rank among the
+other records: adding one record shifts the weights drawn for the others (a
+seeded RNG by position) and can evict another record. Neighbouring datasets
+then give buffers that differ in many records, which breaks the add/remove
+claim (group privacy over the whole buffer gives a vacuous delta).
 
-Privacy: the buffer only decides which of the site's own records are kept;
-the records are used only inside DP-SGD, sampled with Poisson sampling from
-:func:`training_pool` (the current experience plus the buffer, each record
-once), so the site's ledger covers them.
+Persistence: ``replay_buffer.safetensors`` (kept positions, absorbed
+experiences; metadata: format, version, inclusion probability, and a check
+value of the key so that a buffer is never continued under another key),
+written atomically. Loading with another inclusion probability is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import math
 import os
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Sequence
 
 import numpy as np
+import torch
 
-from client.state_files import load_arrays, save_arrays
+from client.state_files import load_arrays, save_arrays, write_atomic
 from fedcl.run_config import ConfigError
 
-REPLAY_POLICIES = ("reservoir", "class-balanced")
+REPLAY_POLICIES = ("bernoulli",)
 BUFFER_FILE = "replay_buffer.safetensors"
+KEY_FILE = "replay.key"
+KEY_BYTES = 32  # 256-bit HMAC-SHA256 key: a brute-force search of the key space is out of reach
 _FORMAT = "fedcl-replay-buffer"
-_VERSION = 1
-
-
-@dataclass
-class _Group:
-    """One Avalanche reservoir: positions, labels, weights (descending) and its capacity."""
-
-    positions: np.ndarray
-    labels: np.ndarray
-    weights: np.ndarray
-    capacity: int
+_VERSION = 2  # 1 was the Avalanche reservoir / class-balanced buffer
+_KEY_CHECK_LABEL = b"fedcl replay key check"
 
 
 @dataclass
 class ReplayBuffer:
-    """Positions (into the site's train split) kept for replay, with their labels.
+    """Positions (into the site's train split) kept for replay; each record kept with ``inclusion_probability``.
 
-    Build with :meth:`create` or :meth:`load`; change only through :meth:`update`.
+    Build with :meth:`load` (which reads or creates the site's key); change
+    only through :meth:`update`.
     """
 
-    capacity: int
-    policy: str
-    seed: int
-    data_size: int
-    groups: dict[int, _Group] = field(default_factory=dict)  # reservoir: {0: ...}; class-balanced: {label: ...}
-    seen_classes: list[int] = field(default_factory=list)  # class-balanced: Avalanche's seen_classes, in its order
+    inclusion_probability: float
+    key: bytes = field(repr=False)  # the site's secret; never logged
+    kept: set[int] = field(default_factory=set)
     experiences: list[int] = field(default_factory=list)  # experiences already absorbed, in order
 
-    @classmethod
-    def create(cls, capacity: int, policy: str, seed: int, data_size: int, site: str = "this site") -> "ReplayBuffer":
-        """An empty buffer, after checking the settings against the site's data size.
-
-        Raises :class:`ConfigError` (a ``ValueError``) for a non-positive size,
-        an unknown policy, or a size larger than the site's training data.
-        """
-        check_replay_settings(capacity, policy, data_size, site)
-        return cls(capacity, policy, seed, data_size)
+    def __post_init__(self) -> None:
+        check_inclusion_probability(self.inclusion_probability)
+        if not isinstance(self.key, bytes) or len(self.key) != KEY_BYTES:
+            raise ValueError(f"the replay key must be {KEY_BYTES} bytes; build the buffer with ReplayBuffer.load")
 
     def __len__(self) -> int:
-        return sum(len(g.positions) for g in self.groups.values())
+        return len(self.kept)
 
     def positions(self) -> np.ndarray:
-        """Sorted positions of the kept records (rows of the site's train split)."""
-        kept = [g.positions for g in self.groups.values()]
-        return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+        """Sorted positions of the kept records (rows of the site's train split), int64."""
+        return np.array(sorted(self.kept), dtype=np.int64)
 
-    def labels_by_position(self) -> dict[int, int]:
-        """Label of every kept record, keyed by position."""
-        return {int(p): int(y) for g in self.groups.values() for p, y in zip(g.positions, g.labels)}
+    def update(self, positions: np.ndarray, record_ids: Sequence[bytes], experience: int) -> bool:
+        """Offer one experience's training records; call once per experience, after its last round.
 
-    def update(
-        self,
-        positions: np.ndarray,
-        labels: np.ndarray,
-        experience: int,
-        known_labels: Iterable[int] | None = None,
-    ) -> bool:
-        """Offer one experience's training records to the policy; call once, after its last round.
-
-        ``positions`` are rows of the site's train split, ``labels`` their
-        labels. An experience already absorbed is ignored (returns False), so a
-        retried round cannot offer the same records twice. ``known_labels``
-        (class-balanced only): labels that count as seen even if this site has
-        none of them (e.g. the experience's labels from the global plan), which
-        makes the capacity split independent of which labels the site holds.
-        Returns True when the experience was absorbed.
+        ``positions`` are rows of the site's train split; ``record_ids[i]`` is
+        the content id of the record at ``positions[i]`` (:func:`record_ids`).
+        Each record is kept iff its HMAC value is below the inclusion
+        probability, whatever else is offered. An experience already absorbed
+        is ignored (returns False), so a retried round cannot offer its
+        records twice. Returns True when the experience was absorbed.
+        Raises ``ValueError`` for a negative or non-integer experience, a
+        length mismatch, negative or repeated positions, or an id that is not bytes.
         """
-        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        self._check_offer(positions, labels, experience)
-        if experience in self.experiences:
+        positions = np.asarray(positions).reshape(-1)
+        _check_offer(positions, record_ids, experience)
+        if int(experience) in self.experiences:
             return False
-        import torch
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_update_seed(self.seed, experience))
-            policy = self._to_avalanche()
-            offered = _avalanche_dataset(positions, labels)
-            if self.policy == "class-balanced" and known_labels is not None:
-                for label in known_labels:
-                    policy.seen_classes.add(int(label))
-            policy.update_from_dataset(offered)
-        self._from_avalanche(policy)
+        for position, record_id in zip(positions.tolist(), record_ids):
+            if _membership_value(self.key, bytes(record_id)) < self.inclusion_probability:
+                self.kept.add(int(position))
         self.experiences.append(int(experience))
         return True
 
     def save(self, state_dir: str | os.PathLike[str]) -> Path:
         """Write the buffer to ``state_dir/replay_buffer.safetensors`` atomically; returns the path."""
-        arrays: dict[str, np.ndarray] = {}
-        for key, group in self.groups.items():
-            arrays[f"group.{key}.positions"] = group.positions.astype(np.int64)
-            arrays[f"group.{key}.labels"] = group.labels.astype(np.int64)
-            arrays[f"group.{key}.weights"] = group.weights.astype(np.float32)
-        meta = {
-            "format": _FORMAT, "version": _VERSION, "policy": self.policy, "capacity": self.capacity,
-            "seed": self.seed, "data_size": self.data_size, "experiences": self.experiences,
-            "seen_classes": self.seen_classes, "group_capacity": {str(k): g.capacity for k, g in self.groups.items()},
-        }
+        arrays = {"positions": self.positions(), "experiences": np.array(self.experiences, dtype=np.int64)}
+        meta = {"format": _FORMAT, "version": _VERSION, "inclusion_probability": self.inclusion_probability,
+                "key_check": _key_check(self.key)}
         path = Path(state_dir) / BUFFER_FILE
         save_arrays(path, arrays, {"fedcl": json.dumps(meta)})
         return path
 
     @classmethod
-    def load(cls, state_dir: str | os.PathLike[str], capacity: int, policy: str, seed: int, data_size: int,
-             site: str = "this site") -> "ReplayBuffer":
-        """The buffer saved in ``state_dir``, or a fresh empty one if there is none.
+    def load(cls, state_dir: str | os.PathLike[str], inclusion_probability: float) -> "ReplayBuffer":
+        """The buffer saved in ``state_dir``, or an empty one if there is none; the site's key is created on first use.
 
-        Raises ``ValueError`` when the saved buffer was built with other
-        settings (size, policy, seed, data size) than the ones given.
+        Raises ``ValueError`` when the saved buffer is not a version-2 fedcl
+        buffer, was built with another inclusion probability, or under
+        another key than ``state_dir/replay.key``; or when the key file is not
+        :data:`KEY_BYTES` bytes long.
         """
+        check_inclusion_probability(inclusion_probability)
+        key = load_or_create_key(state_dir)
         path = Path(state_dir) / BUFFER_FILE
         if not path.exists():
-            return cls.create(capacity, policy, seed, data_size, site)
+            return cls(float(inclusion_probability), key)
         arrays, raw = load_arrays(path)
-        meta = json.loads(raw.get("fedcl", "{}"))
+        try:
+            meta = json.loads(raw.get("fedcl", "{}"))
+        except json.JSONDecodeError:
+            meta = {}
         if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-            raise ValueError(f"{path} is not a fedcl replay buffer (version {_VERSION}); delete it to start afresh")
-        saved = (meta["capacity"], meta["policy"], meta["seed"], meta["data_size"])
-        if saved != (capacity, policy, seed, data_size):
+            raise ValueError(f"{path} is not a fedcl replay buffer of version {_VERSION} (Bernoulli membership); "
+                             "delete it to start the buffer afresh")
+        if meta["inclusion_probability"] != inclusion_probability:
             raise ValueError(
-                f"{path} holds a buffer built with replay-size {saved[0]}, replay-policy {saved[1]!r}, seed {saved[2]}, "
-                f"{saved[3]} training records; this run asks for {capacity}, {policy!r}, {seed}, {data_size}: restore "
-                "those settings, or delete the file to start the buffer afresh"
+                f"{path} holds a buffer built with inclusion probability {meta['inclusion_probability']!r}; this run "
+                f"asks for {inclusion_probability!r}: restore the replay settings it was built with, or delete the "
+                "file to start the buffer afresh"
             )
-        buffer = cls.create(capacity, policy, seed, data_size, site)
-        for key, group_capacity in meta["group_capacity"].items():
-            buffer.groups[int(key)] = _Group(arrays[f"group.{key}.positions"], arrays[f"group.{key}.labels"],
-                                             arrays[f"group.{key}.weights"], int(group_capacity))
-        buffer.seen_classes = [int(c) for c in meta["seen_classes"]]
-        buffer.experiences = [int(e) for e in meta["experiences"]]
-        return buffer
-
-    def _check_offer(self, positions: np.ndarray, labels: np.ndarray, experience: int) -> None:
-        if isinstance(experience, bool) or not isinstance(experience, (int, np.integer)) or experience < 0:
-            raise ValueError(f"experience {experience!r}: use the experience's index, a whole number >= 0")
-        if len(positions) != len(labels):
-            raise ValueError(f"{len(positions)} positions but {len(labels)} labels; give one label per position")
-        if len(positions) and (positions.min() < 0 or positions.max() >= self.data_size):
+        if meta["key_check"] != _key_check(key):
             raise ValueError(
-                f"positions must be rows of the site's train split, 0 .. {self.data_size - 1}; got "
-                f"{positions.min()} .. {positions.max()} (pass SiteExperience.train, not dataset indices)"
+                f"{path} was built under another replay key than {Path(state_dir) / KEY_FILE}: restore that key "
+                f"file, or delete {BUFFER_FILE} to start the buffer afresh"
             )
-        if len(np.unique(positions)) != len(positions):
-            raise ValueError("positions repeat; offer each training record once")
-
-    def _to_avalanche(self) -> Any:
-        """Rebuild Avalanche's storage policy from the saved arrays."""
-        import torch
-        from avalanche.training.storage_policy import ClassBalancedBuffer, ReservoirSamplingBuffer
-
-        def reservoir(group: _Group) -> Any:
-            buffer = ReservoirSamplingBuffer(group.capacity)
-            buffer.buffer = _avalanche_dataset(group.positions, group.labels)
-            buffer._buffer_weights = torch.from_numpy(group.weights.astype(np.float32))  # no public setter
-            return buffer
-
-        if self.policy == "reservoir":
-            return reservoir(self.groups[0]) if 0 in self.groups else ReservoirSamplingBuffer(self.capacity)
-        policy = ClassBalancedBuffer(self.capacity, adaptive_size=True)
-        for label in self.seen_classes:  # same insertion order, same set
-            policy.seen_classes.add(label)
-        for label, group in self.groups.items():
-            policy.buffer_groups[label] = reservoir(group)
-        return policy
-
-    def _from_avalanche(self, policy: Any) -> None:
-        """Read positions, labels and weights back out of Avalanche's buffers."""
-        if self.policy == "reservoir":
-            self.groups = {0: _read_reservoir(policy)}
-            return
-        self.seen_classes = [int(c) for c in policy.seen_classes]
-        self.groups = {int(label): _read_reservoir(buffer) for label, buffer in policy.buffer_groups.items()}
+        return cls(float(inclusion_probability), key, {int(p) for p in arrays["positions"]},
+                   [int(e) for e in arrays["experiences"]])
 
 
-def check_replay_settings(capacity: int, policy: str, data_size: int, site: str = "this site") -> None:
-    """Reject replay settings that cannot work for a site with ``data_size`` training records."""
+def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:
+    """The site's replay key from ``state_dir/replay.key``; on first use, 32 bytes of ``secrets.token_bytes``.
+
+    A new key is written atomically with permissions 0600 (readable by the
+    site's own user only). Raises ``ValueError`` if the file exists but is
+    not :data:`KEY_BYTES` bytes long.
+    """
+    path = Path(state_dir) / KEY_FILE
+    if not path.exists():
+        write_atomic(path, secrets.token_bytes(KEY_BYTES))
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)  # mkstemp already made it 0600; say so explicitly
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"{path} holds {len(key)} bytes, not a {KEY_BYTES}-byte replay key: restore the site's key "
+                         f"file, or delete it together with {BUFFER_FILE} to start replay afresh")
+    return key
+
+
+def record_ids(input_ids: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | Sequence[int]) -> list[bytes]:
+    """Content ids of records, one per row: the row's token ids (int64 little-endian) followed by its label.
+
+    ``input_ids`` is ``(rows, length)``; ``labels`` holds one integer per row.
+    The id depends on the row's content only, never on its position, so the
+    same record gets the same id whatever else the dataset holds. Pass rows
+    as encoded for training (same padding for every call). Raises
+    ``ValueError`` when the shapes do not match.
+    """
+    tokens = input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+    targets = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if tokens.ndim != 2:
+        raise ValueError(f"input_ids has shape {tokens.shape}; pass a (rows, length) matrix of token ids")
+    targets = targets.reshape(-1)
+    if len(targets) != len(tokens):
+        raise ValueError(f"{len(tokens)} rows of token ids but {len(targets)} labels; give one label per row")
+    tokens = tokens.astype("<i8")
+    return [row.tobytes() + int(label).to_bytes(8, "little", signed=True) for row, label in zip(tokens, targets)]
+
+
+def check_inclusion_probability(probability: float) -> None:
+    """Raise ``ValueError`` unless ``probability`` is a real number in (0, 1]."""
+    if isinstance(probability, bool) or not isinstance(probability, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(probability) or not 0 < probability <= 1:
+        raise ValueError(f"replay inclusion probability {probability!r}: use a number in (0, 1] computed from public "
+                         "values (e.g. min(1, replay-size / public record count))")
+
+
+def check_replay_settings(size: int, policy: str, data_size: int, site: str = "this site") -> None:
+    """Reject replay settings that cannot work for a site with ``data_size`` training records.
+
+    Raises :class:`ConfigError` (a ``ValueError``) for an unknown policy, a
+    size that is not a whole number >= 1, or a size (expected records kept)
+    larger than the site's training data. A local refusal only: nothing of
+    ``data_size`` is sent.
+    """
     if policy not in REPLAY_POLICIES:
         raise ConfigError(f"config key 'replay-policy' = {policy!r}: use one of {', '.join(REPLAY_POLICIES)}")
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
-        raise ConfigError(f"config key 'replay-size' = {capacity!r}: use a whole number >= 1 (or 0 to turn replay off)")
-    if capacity > data_size:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ConfigError(f"config key 'replay-size' = {size!r}: use a whole number >= 1 (or 0 to turn replay off)")
+    if size > data_size:
         raise ConfigError(
-            f"config key 'replay-size' = {capacity}: {site} has only {data_size} training records; "
+            f"config key 'replay-size' = {size}: {site} has only {data_size} training records; "
             f"use replay-size <= {data_size} (or 0 for no replay)"
         )
 
 
 def training_pool(current: np.ndarray, buffer: ReplayBuffer | None) -> np.ndarray:
-    """The positions DP-SGD samples from this round: the current experience plus the buffer, each once.
+    """The positions DP-SGD samples from this round: the current experience plus the buffer, each once, sorted.
 
     A record in both (possible in domain-incremental streams only if an
     experience is offered twice) appears once: a record listed twice could be
@@ -257,26 +240,37 @@ def training_pool(current: np.ndarray, buffer: ReplayBuffer | None) -> np.ndarra
     return np.union1d(current, buffer.positions()) if buffer is not None else np.unique(current)
 
 
-def _update_seed(seed: int, experience: int) -> int:
-    """A 63-bit torch seed from (seed, experience), stable across platforms."""
-    return int(np.random.SeedSequence([int(seed), int(experience)]).generate_state(2, dtype=np.uint64)[0] >> 1)
+def _membership_value(key: bytes, record_id: bytes) -> float:
+    """HMAC-SHA256(key, record_id) as a uniform number in [0, 1): the top 53 bits of the first 8 bytes.
+
+    Why a keyed PRF and not a seeded RNG by position: a draw by position ties
+    a record's fate to where it sits, so inserting one record shifts the draws
+    of all records after it. HMAC of the record's content gives each record
+    its own draw, independent of every other record (a PRF's outputs on
+    distinct inputs are indistinguishable from independent uniforms), and
+    without the key nobody (the server, another site) can predict or test
+    which records a site keeps. 53 bits: exactly representable as a float.
+    """
+    digest = hmac.new(key, record_id, hashlib.sha256).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2.0**53
 
 
-def _avalanche_dataset(positions: np.ndarray, labels: np.ndarray) -> Any:
-    """An AvalancheDataset whose items are (position, label) and whose ``targets`` are the labels."""
-    import torch
-    from avalanche.benchmarks.utils import AvalancheDataset
-    from avalanche.benchmarks.utils.data_attribute import DataAttribute
-    from torch.utils.data import TensorDataset
-
-    x = torch.as_tensor(np.asarray(positions, dtype=np.int64))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    return AvalancheDataset([TensorDataset(x, y)], data_attributes=[DataAttribute(y.tolist(), "targets")])
+def _key_check(key: bytes) -> str:
+    """A public check value of the key (HMAC of a fixed label): tells keys apart, reveals nothing about the key."""
+    return hmac.new(key, _KEY_CHECK_LABEL, hashlib.sha256).hexdigest()[:16]
 
 
-def _read_reservoir(buffer: Any) -> _Group:
-    items = [buffer.buffer[i] for i in range(len(buffer.buffer))]
-    positions = np.array([int(item[0]) for item in items], dtype=np.int64)
-    labels = np.array([int(item[1]) for item in items], dtype=np.int64)
-    weights = buffer._buffer_weights.numpy().astype(np.float32, copy=True)
-    return _Group(positions, labels, weights, int(buffer.max_size))
+def _check_offer(positions: np.ndarray, ids: Sequence[bytes], experience: int) -> None:
+    if isinstance(experience, bool) or not isinstance(experience, (int, np.integer)) or experience < 0:
+        raise ValueError(f"experience {experience!r}: use the experience's index, a whole number >= 0")
+    if len(positions) and not np.issubdtype(positions.dtype, np.integer):
+        raise ValueError(f"positions have dtype {positions.dtype}; pass integer rows of the site's train split")
+    if len(positions) != len(ids):
+        raise ValueError(f"{len(positions)} positions but {len(ids)} record ids; give one id per position "
+                         "(record_ids(input_ids[positions], labels[positions]))")
+    if len(positions) and positions.min() < 0:
+        raise ValueError(f"position {positions.min()} is negative; pass rows of the site's train split")
+    if len(np.unique(positions)) != len(positions):
+        raise ValueError("positions repeat; offer each training record once")
+    if not all(isinstance(i, (bytes, bytearray, memoryview)) for i in ids):
+        raise ValueError("record ids must be bytes; build them with record_ids(input_ids, labels)")

@@ -30,7 +30,7 @@ from fedcl.model_factory import set_trainable_arrays
 from strategies.aggregation import Arrays
 from strategies.compression import Compression
 from strategies.ffa import ffa_frozen_names, ffa_trainable_names
-from strategies.site_strategy import ARRAYS_RECORD, to_numpy
+from fedcl.protocol import ARRAYS_RECORD, to_numpy
 
 
 def _uses_ffa(runtime: SiteRuntime) -> bool:

@@ -18,12 +18,12 @@ ROBUST_MODES = ("none", "validate", "clip", "median", "trimmed-mean")
 SERVER_OPTIMIZERS = ("none", "adam", "yogi")
 COMPRESSIONS = ("none", "fp16", "int8")
 ATTACKS = ("none", "scale", "sign-flip")
-ACCOUNTANTS = ("prv", "rdp")
+ACCOUNTANTS = ("rdp",)  # the site's hard stop is an RDP filter (client/privacy_ledger.py)
 POOLINGS = ("mean", "model")
 RECIPES = ("probe-then-lora", "lora", "ncm")
 STREAMS = ("none", "class-incremental", "domain-incremental")  # simulations/streams.py builds them
 STREAM_UNITS = ("label", "group")
-REPLAY_POLICIES = ("reservoir", "class-balanced")  # client/replay_buffer.py
+REPLAY_POLICIES = ("bernoulli",)  # client/replay_buffer.py: each record kept by its own keyed draw
 EWC_MODES = ("separate", "online")  # client/ewc.py
 
 
@@ -86,22 +86,22 @@ class RunConfig:
     delta: float = 1e-5  # below 1/records at a site
     noise_multiplier: float = 0.0  # 0: calibrate from the planned schedule to spend exactly target-epsilon
     max_grad_norm: float = 1.0  # per-example clipping bound C
-    accountant: str = "prv"  # prv (tightest) or rdp
+    accountant: str = "rdp"  # the RDP filter of the site's ledger (prv cannot back an adaptive stop)
     # --- recipe: a private linear probe on cached features, then private LoRA
     recipe: str = "probe-then-lora"  # or "lora": LoRA + head from the first round (the plain recipe)
     probe_rounds: int = 20  # rounds that train only the head on cached features
     probe_steps: int = 40  # DP-SGD steps per site per probe round (each costs milliseconds)
     probe_batch_size: int = 128  # expected Poisson batch of the probe (larger batches: less noise per signal)
     probe_learning_rate: float = 0.25  # SGD, momentum 0.9, on a zero-initialised head
-    # --- continual learning (fedcl/experience_schedule.py, client/continual_round.py)
+    # --- continual learning (fedcl/experience_schedule.py, client/site_round.py, client/continual.py)
     stream: str = "none"  # none | class-incremental | domain-incremental
     stream_by: str = "label"  # label | group: experiences are sets of labels or of group-column values
     num_experiences: int = 0  # 0: one per stream-groups entry, or per group value with stream-by = group
     stream_groups: str = ""  # explicit experiences, "a,b;c,d;e" (every label or group value exactly once)
     site_offsets: str = ""  # experiences each site starts late, e.g. "0,0,1"; empty: every site on time
     joint: bool = False  # upper bound: all experiences at once (same rounds), evaluated per experience
-    replay_size: int = 0  # records a site keeps from past experiences and trains on again (0 = off)
-    replay_policy: str = "reservoir"  # reservoir (uniform over the past) | class-balanced
+    replay_size: int = 0  # expected records a site keeps from its whole stream and trains on again (0 = off)
+    replay_policy: str = "bernoulli"  # each finished record kept with probability replay-size / nominal records
     ewc_lambda: float = 0.0  # EWC strength (0 = off); the penalty gradient is added after DP noise
     ewc_mode: str = "separate"  # separate (one term per experience) | online (decayed sum)
     ewc_decay: float = 1.0  # online EWC: weight of the old importances at each new experience
@@ -149,7 +149,8 @@ class RunConfig:
         if not self.max_grad_norm > 0:
             _fail("max-grad-norm", self.max_grad_norm, "use a positive clipping bound, e.g. 1.0")
         if self.accountant not in ACCOUNTANTS:
-            _fail("accountant", self.accountant, f"use one of {', '.join(ACCOUNTANTS)}")
+            _fail("accountant", self.accountant, "use rdp: a site stops on an RDP filter, the accountant whose "
+                  "composition theorem covers an adaptively chosen schedule (README, privacy guarantee)")
         if self.recipe not in RECIPES:
             _fail("recipe", self.recipe, f"use one of {', '.join(RECIPES)}")
         _non_negative_int("probe-rounds", self.probe_rounds)

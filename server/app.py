@@ -22,7 +22,8 @@ from server.adapter_export import export_adapter
 from server.continual_run import ContinualRun
 from server.run_report import RunReport, save_arrays_atomic
 from server.strategy_setup import aggregation_summary, build_strategy, save_strategy_state
-from strategies.site_strategy import SiteStrategy, to_numpy
+from fedcl.protocol import to_numpy
+from strategies.site_strategy import SiteReply, SiteStrategy
 
 app = ServerApp()
 
@@ -66,10 +67,33 @@ def privacy_summary(config: RunConfig, strategy: SiteStrategy) -> dict[str, dict
             entry = sites.setdefault(reply.site, {"stopped_for_budget": False})
             entry.update({"epsilon": m["epsilon"], "delta": m.get("delta"), "noise_multiplier": m.get("noise-multiplier"),
                           "max_grad_norm": m.get("max-grad-norm"), "steps": m.get("dp-steps-total"),
-                          "sample_rate": m.get("sample-rate"), "accountant": config.accountant,
-                          "target_epsilon": config.target_epsilon})
+                          "sample_rate": m.get("sample-rate"), "accountant": "rdp-filter",
+                          "target_epsilon": m.get("target-epsilon", config.target_epsilon)})
             entry["stopped_for_budget"] = entry["stopped_for_budget"] or bool(m.get("stopped-for-budget"))
     return sites
+
+
+def flag_step_regressions(server_round: int, replies: list[SiteReply], last_steps: dict[str, int],
+                          regressions: list[dict]) -> None:
+    """Flag every site whose ledger reports fewer DP steps than it reported before (a reset or rolled-back ledger).
+
+    The server cannot see a site's disk; it remembers each site's last
+    ``dp-steps-total``. A regression is marked on the reply (so metrics.jsonl
+    shows ``ledger_regression``), appended to ``regressions`` (summary.json's
+    ``ledger_regressions``) and logged as an error.
+    """
+    for reply in replies:
+        steps = reply.metrics.get("dp-steps-total")
+        if steps is None:
+            continue
+        before = last_steps.get(reply.site)
+        if before is not None and int(steps) < before:
+            reply.metrics["ledger-regression"] = before
+            regressions.append({"round": server_round, "site": reply.site, "steps_before": before,
+                                "steps_now": int(steps)})
+            log(ERROR, "fedcl: %s reports %d DP steps after %d: its ledger was reset or rolled back; its epsilon "
+                "no longer covers what it released", reply.site, int(steps), before)
+        last_steps[reply.site] = max(int(steps), before or 0)
 
 
 def run_federation(grid: Grid, config: RunConfig) -> Path:
@@ -83,11 +107,14 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     strategy = continual.strategy(strategy) if continual else strategy
     log(INFO, "fedcl: run directory %s", run_dir)
     state = {"round_started": time.time()}
+    last_steps: dict[str, int] = {}  # site -> its last reported ledger step count
+    regressions: list[dict] = []
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             state["round_started"] = time.time()
             return None
+        flag_step_regressions(server_round, strategy.train_replies.get(server_round, []), last_steps, regressions)
         rows = report.add_round(server_round, strategy.train_replies.get(server_round, []),
                                 strategy.evaluate_replies.get(server_round, []),
                                 bytes_down_train=strategy.bytes_down.get((server_round, "train"), 0),
@@ -113,8 +140,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         initial_arrays=ArrayRecord(),  # sites start from the same seeded adapter: nothing to send
         num_rounds=total_rounds,
         timeout=config.round_timeout,
-        train_config=ConfigRecord({"run-dir": str(run_dir)}),
-        evaluate_config=ConfigRecord({"run-dir": str(run_dir)}),
+        train_config=ConfigRecord(),  # the site derives its round from the run config and the server round
+        evaluate_config=ConfigRecord(),
         evaluate_fn=on_round_end,
     )
     labels = next((r.info.get("label-names") for replies in strategy.train_replies.values() for r in replies
@@ -124,6 +151,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         base_bytes = export_adapter(run_dir / "adapter", config, to_numpy(result.arrays), list(labels or []))
     summary = report.summary(base_bytes, {"label_names": list(labels) if labels else None,
                                           "privacy": privacy_summary(config, strategy),
+                                          "ledger_regressions": regressions,
                                           "aggregation": aggregation_summary(config, strategy),
                                           "continual": continual.summary() if continual else None})
     log(INFO, "fedcl: final mean accuracy %s; report in %s", summary["accuracy"], run_dir / "summary.json")

@@ -13,6 +13,7 @@ training with one line naming the key, the value and the fix.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -139,6 +140,23 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def simulated_sites_environment(config: RunConfig, run_dir: Path) -> dict[str, str]:
+    """What the launcher, as the operator of every virtual site, gives them: a state root and their policy.
+
+    A real site reads both from its SuperNode's node config
+    (``client/site_policy.py``); virtual sites of a simulation have no node
+    config of their own, so the launcher passes the same settings through
+    the environment of the processes it starts. Each virtual site keeps its
+    state in ``<run-dir>/sites/site-<partition-id>/`` and takes the budget
+    the launcher was asked for. The server never sends a path or a policy.
+    """
+    from client.site_policy import SIMULATION_ENV
+
+    policy = {"dp": config.dp, "target-epsilon": config.target_epsilon, "delta": config.delta,
+              "accountant": config.accountant}
+    return {SIMULATION_ENV: json.dumps({"state-root": str(run_dir.resolve() / "sites"), "policy": policy})}
+
+
 def free_local_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
     import socket
@@ -184,7 +202,8 @@ def run_simulation(config: RunConfig, quiet: bool = False, project: Path = PROJE
     log_path = run_dir / "flower.log"
     try:
         with log_path.open("w", encoding="utf-8") as log:
-            proc = subprocess.Popen(command, cwd=project, env=flower_environment(flwr_home), stdout=subprocess.PIPE,
+            env = {**flower_environment(flwr_home), **simulated_sites_environment(config, run_dir)}
+            proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
             for line in proc.stdout or []:
                 log.write(line)
@@ -222,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"fedcl: error: {err}", file=sys.stderr)
         return 1
-    import json
-
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     print(f"fedcl: done in {time.time() - started:.0f} s: final mean accuracy {summary['accuracy']:.3f}; "
           f"report {run_dir / 'summary.json'}", flush=True)

@@ -1,7 +1,7 @@
 """Aggregation for the nearest-class-mean recipe: the global state is the running SUM of every released class sum.
 
 Sites release noisy per-class sums of unit feature vectors once per
-experience (``client/ncm_round.py``); the federated class sum is their plain
+experience (``client/site_round.py``); the federated class sum is their plain
 sum (not an example-weighted mean: a weighted mean would tilt each class
 direction towards the sites with more examples elsewhere), accumulated over
 experiences, so classes released earlier are kept unchanged. No torch.

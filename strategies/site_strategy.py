@@ -16,7 +16,7 @@ from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -25,10 +25,10 @@ from strategies.aggregation import Aggregator, Arrays, SiteUpdate
 from strategies.compression import Compression
 from strategies.wire import WireFormat
 
-SITE_RECORD = "site"  # ConfigRecord in every reply: site name, status, reason
-ARRAYS_RECORD = "arrays"
-METRICS_RECORD = "metrics"
-CONFIG_RECORD = "config"
+from fedcl.protocol import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, SITE_RECORD, to_numpy, to_record
+
+__all__ = ["ARRAYS_RECORD", "CONFIG_RECORD", "METRICS_RECORD", "SITE_RECORD", "SiteReply", "SiteStrategy",
+           "to_numpy", "to_record"]
 
 
 @dataclass
@@ -41,16 +41,6 @@ class SiteReply:
     metrics: dict[str, Any] = field(default_factory=dict)
     bytes_up: int = 0
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def to_numpy(record: ArrayRecord) -> Arrays:
-    """An ArrayRecord as a dict of numpy arrays."""
-    return {name: array.numpy() for name, array in record.items()}
-
-
-def to_record(arrays: Arrays) -> ArrayRecord:
-    """A dict of numpy arrays as an ArrayRecord."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
 
 
 def _site_of(message: Message, known: dict[int, str]) -> tuple[str, dict[str, Any]]:

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from client.dp_training import per_sample_gradient_hooks, train_private, train_private_features
 from client.local_training import Encoded
+from client.mechanisms import UNBOUNDED_CLIP, SgdMechanism, sgd_mechanism
+from client.secure_noise import NoiseSource
 from fedcl.model_factory import lora_settings
 from fedcl.run_config import RunConfig
 
@@ -57,6 +59,11 @@ def mean_loss(model: torch.nn.Module, data: Encoded, index: torch.Tensor) -> tor
     return F.cross_entropy(logits, data.labels[index])
 
 
+def mechanism(sigma: float, expected_batch: int, records: int, steps: int, clip: float = 1.0) -> SgdMechanism:
+    """The mechanism of ``steps`` Poisson batches of expected size ``expected_batch`` over ``records``."""
+    return sgd_mechanism(sigma, expected_batch, records, steps, clip)
+
+
 def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -100,16 +107,14 @@ def test_two_private_calls_on_one_model_leave_no_trace_and_gradients_stay_correc
     model, data = tiny_model(), tiny_data()
     before, start = fingerprint(model), trainable(model)
     for seed in (1, 2):
-        outcome = train_private(model, data, steps=3, expected_batch_size=6, learning_rate=0.1,
-                                noise_multiplier=1.0, max_grad_norm=1.0, seed=seed)
+        outcome = train_private(model, data, mechanism(1.0, 6, 24, 3), 0.1, NoiseSource.seeded(seed))
         assert outcome.steps == 3 and outcome.sample_rate == pytest.approx(6 / 24)
         assert fingerprint(model) == before
     assert any(not torch.equal(start[n], p) for n, p in trainable(model).items())
     assert_per_sample_gradients_match_loop(model, data)
     assert fingerprint(model) == before
     model.train()  # a model handed over in train mode comes back in train mode
-    train_private(model, data, steps=1, expected_batch_size=6, learning_rate=0.1, noise_multiplier=1.0,
-                  max_grad_norm=1.0, seed=3)
+    train_private(model, data, mechanism(1.0, 6, 24, 1), 0.1, NoiseSource.seeded(3))
     assert all(m.training for m in model.modules())
 
 
@@ -118,8 +123,8 @@ def test_no_noise_and_unbounded_clip_equals_one_plain_step(optimizer: str) -> No
     """Sample rate 1 (batch = all 8 records), sigma 0, huge clip: DP-SGD is the plain optimiser step."""
     data, lr = tiny_data(records=8), 0.05
     private, plain = tiny_model(), tiny_model()
-    outcome = train_private(private, data, steps=1, expected_batch_size=8, learning_rate=lr, noise_multiplier=0.0,
-                            max_grad_norm=1e9, seed=0, optimizer=optimizer)
+    outcome = train_private(private, data, mechanism(0.0, 8, 8, 1, UNBOUNDED_CLIP), lr, NoiseSource.seeded(0),
+                            optimizer=optimizer)
     assert outcome.mean_batch_size == 8
     params = [p for p in plain.parameters() if p.requires_grad]
     step = torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else torch.optim.SGD(params, lr=lr)
@@ -137,8 +142,8 @@ def test_no_noise_and_unbounded_clip_equals_one_plain_step_for_features() -> Non
     features, labels = torch.randn(10, 6, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 3
     private, plain = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
     plain.load_state_dict(private.state_dict())
-    train_private_features(private, features, labels, steps=1, expected_batch_size=10, learning_rate=0.3,
-                           noise_multiplier=0.0, max_grad_norm=1e9, seed=0)
+    train_private_features(private, features, labels, mechanism(0.0, 10, 10, 1, UNBOUNDED_CLIP), 0.3,
+                           NoiseSource.seeded(0))
     F.cross_entropy(plain(features), labels).backward()
     torch.optim.SGD(plain.parameters(), lr=0.3).step()
     torch.testing.assert_close(private.state_dict(), plain.state_dict(), rtol=1e-5, atol=1e-7)
@@ -149,15 +154,15 @@ def test_extra_gradient_is_added_after_clipping_and_noise() -> None:
     data, lr = tiny_data(), 0.1
     without, with_extra = tiny_model(), tiny_model()
     extra = {name: torch.full_like(p, 0.5) for name, p in with_extra.named_parameters() if p.requires_grad}
-    settings = dict(steps=1, expected_batch_size=6, learning_rate=lr, noise_multiplier=1.0, max_grad_norm=0.1, seed=7)
-    train_private(without, data, **settings)
+    settings = dict(mechanism=mechanism(1.0, 6, 24, 1, clip=0.1), learning_rate=lr)
+    train_private(without, data, noise=NoiseSource.seeded(7), **settings)
     calls = []
 
     def add_extra(named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         calls.append(sorted(named))
         return extra
 
-    train_private(with_extra, data, extra_gradient=add_extra, **settings)
+    train_private(with_extra, data, noise=NoiseSource.seeded(7), extra_gradient=add_extra, **settings)
     assert calls == [sorted(extra)]
     after_without, after_with = trainable(without), trainable(with_extra)
     for name, term in extra.items():
@@ -168,19 +173,17 @@ def test_extra_gradient_is_added_after_clipping_and_noise() -> None:
 
 def test_extra_gradient_with_unknown_name_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown parameters"):
-        train_private_features(torch.nn.Linear(4, 2), torch.randn(8, 4), torch.arange(8) % 2, steps=1,
-                               expected_batch_size=4, learning_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0,
-                               seed=0, extra_gradient=lambda named: {"nope": torch.zeros(1)})
+        train_private_features(torch.nn.Linear(4, 2), torch.randn(8, 4), torch.arange(8) % 2, mechanism(1.0, 4, 8, 1),
+                               0.1, NoiseSource.seeded(0), extra_gradient=lambda named: {"nope": torch.zeros(1)})
 
 
 def test_seeded_runs_reproduce_and_seeds_differ() -> None:
     features, labels = torch.randn(50, 5, generator=torch.Generator().manual_seed(0)), torch.arange(50) % 2
     results = []
-    for seed in (11, 11, 12, None):
+    for noise in (NoiseSource.seeded(11), NoiseSource.seeded(11), NoiseSource.seeded(12), NoiseSource.secure()):
         head = torch.nn.Linear(5, 2)
         torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-        train_private_features(head, features, labels, steps=4, expected_batch_size=10, learning_rate=0.5,
-                               noise_multiplier=1.0, max_grad_norm=1.0, seed=seed)
+        train_private_features(head, features, labels, mechanism(1.0, 10, 50, 4), 0.5, noise)
         results.append(head.weight.detach().clone())
     assert torch.equal(results[0], results[1])
     assert not torch.equal(results[0], results[2]) and not torch.equal(results[0], results[3])
@@ -190,9 +193,8 @@ def test_empty_poisson_batches_are_noise_only_steps_that_count() -> None:
     """Expected batch 1: a third of the 30 batches are empty (seeded, so certainly some)."""
     head = torch.nn.Linear(4, 2)
     start = head.weight.detach().clone()
-    outcome = train_private_features(head, torch.randn(1000, 4), torch.arange(1000) % 2, steps=30,
-                                     expected_batch_size=1, learning_rate=0.1, noise_multiplier=1.0,
-                                     max_grad_norm=1.0, seed=3)
+    outcome = train_private_features(head, torch.randn(1000, 4), torch.arange(1000) % 2, mechanism(1.0, 1, 1000, 30),
+                                     0.1, NoiseSource.seeded(3))
     assert outcome.steps == 30
     assert torch.isfinite(head.weight).all() and not torch.equal(head.weight, start)
 
@@ -206,30 +208,64 @@ def test_private_linear_probe_learns_separable_features() -> None:
     features = features / features.norm(dim=1, keepdim=True)
     head = torch.nn.Linear(16, 3)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    outcome = train_private_features(head, features, labels, steps=60, expected_batch_size=64, learning_rate=0.5,
-                                     noise_multiplier=1.0, max_grad_norm=1.0, seed=0, momentum=0.9)
+    outcome = train_private_features(head, features, labels, mechanism(1.0, 64, 600, 60), 0.5, NoiseSource.seeded(0),
+                                     momentum=0.9)
     with torch.no_grad():
         accuracy = float((head(features).argmax(dim=1) == labels).float().mean())
     assert accuracy > 0.9
     assert outcome.sample_rate == pytest.approx(64 / 600) and outcome.seconds < 10
 
 
+def test_zero_steps_change_nothing_and_report_zero() -> None:
+    model, data = tiny_model(), tiny_data()
+    before, start = fingerprint(model), trainable(model)
+    outcome = train_private(model, data, mechanism(1.0, 6, 24, 0), 0.1, NoiseSource.seeded(0))
+    assert outcome.steps == 0
+    assert all(torch.equal(start[n], p) for n, p in trainable(model).items()) and fingerprint(model) == before
+
+
+@pytest.mark.parametrize(("sigma", "clip", "fixed"), [(1.0, 1.0, True), (0.0, UNBOUNDED_CLIP, False)])
+def test_private_batches_keep_the_full_padded_length_and_plain_ones_trim(sigma: float, clip: float, fixed: bool) -> None:
+    """Step time must not depend on the batch's longest record under DP; plain training may trim."""
+    generator = torch.Generator().manual_seed(0)
+    data = tiny_data(records=24)
+    short = (torch.arange(LENGTH)[None, :] < 4).long().expand(24, LENGTH).clone()  # every record 4 tokens long
+    data = Encoded({"input_ids": data.inputs["input_ids"] * short, "attention_mask": short,
+                    "token_type_ids": torch.zeros_like(short)}, torch.randint(0, LABELS, (24,), generator=generator))
+    model, widths = tiny_model(), []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    try:
+        train_private(model, data, mechanism(sigma, 12, 24, 3, clip), 0.1, NoiseSource.seeded(1))
+    finally:
+        hook.remove()
+    assert widths and set(widths) == ({LENGTH} if fixed else {4})
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"max_grad_norm": 0.0}, "max-grad-norm"),
-        ({"noise_multiplier": -1.0}, "noise_multiplier"),
-        ({"expected_batch_size": 99}, "expected_batch_size"),
-        ({"steps": 0}, "steps"),
         ({"learning_rate": 0.0}, "learning_rate"),
         ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"mechanism": (1.0, 0.25, 1)}, "SgdMechanism"),  # a bare ledger entry is not a mechanism
+        ({"noise": 0}, "NoiseSource"),  # a seed is not a noise source
     ],
 )
 def test_nonsense_settings_are_rejected_before_training(change: dict, message: str) -> None:
     model = tiny_model()
     before = trainable(model)
-    settings = dict(steps=1, expected_batch_size=6, learning_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0,
-                    seed=0) | change
+    settings = dict(mechanism=mechanism(1.0, 6, 24, 1), learning_rate=0.1, noise=NoiseSource.seeded(0)) | change
     with pytest.raises(ValueError, match=message):
         train_private(model, tiny_data(), **settings)
     assert all(torch.equal(before[n], p) for n, p in trainable(model).items())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"max_grad_norm": 0.0}, "max_grad_norm"), ({"noise_multiplier": -1.0}, "noise multiplier"),
+     ({"steps": -1}, "steps"), ({"nominal_records": 0}, "nominal records")],
+)
+def test_nonsense_mechanisms_cannot_be_built(change: dict, message: str) -> None:
+    settings = dict(noise_multiplier=1.0, expected_batch=6, nominal_records=24, steps=1, max_grad_norm=1.0) | change
+    with pytest.raises(ValueError, match=message):
+        sgd_mechanism(**settings)

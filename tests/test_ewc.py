@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from client.ewc import EWC_FILE, EwcState, anchor_arrays, estimate_importance, trainable_parameters
+from client.mechanisms import UNBOUNDED_CLIP, SgdMechanism
+from client.secure_noise import NoiseSource
 from fedcl.run_config import ConfigError
 
 
@@ -126,7 +128,7 @@ def test_names_are_those_of_the_plain_model_even_through_opacus_wrapping():
     try:
         assert set(state.penalty_gradient(wrapped, 1.0)) == {"2.weight", "2.bias"}
         with pytest.raises(ValueError, match="plain model"):
-            estimate_importance(wrapped, [], clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.1, dataset_size=10)
+            estimate_importance(wrapped, [], SgdMechanism(1.0, 0.1, 1, 1.0, 1.0), NoiseSource.seeded(0))
     finally:
         wrapped.to_standard_module()
 
@@ -179,8 +181,8 @@ def test_importance_matches_a_one_example_loop_on_a_lora_bert(tiny_model_dir, cl
         batches.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                         torch.randint(0, 5, (size,), generator=generator)))
     model.train()
-    estimate = estimate_importance(model, batches, clip_norm=clip, noise_multiplier=0.0, sample_rate=0.4,
-                                   dataset_size=10)
+    mechanism = SgdMechanism(0.0, 0.4, 3, UNBOUNDED_CLIP if clip is None else clip, 0.4 * 10)
+    estimate = estimate_importance(model, batches, mechanism, NoiseSource.seeded(0))
     assert all(module.training for module in model.modules())  # every module's mode restored
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # Opacus hooks and attributes gone
     reference = loop_importance(model, batches, clip, expected=0.4 * 10 * 3)
@@ -197,8 +199,7 @@ def test_importance_noise_has_the_calibrated_scale():
     x, y = 10 * torch.randn(40, 50), torch.randint(0, 4, (40,))
     batches = [(x, y)] * 5
     reference = loop_importance(model, batches, 1.0, expected=1.0 * 40 * 5)["weight"]
-    estimate = estimate_importance(model, batches, clip_norm=1.0, noise_multiplier=0.02, sample_rate=1.0,
-                                   dataset_size=40, generator=torch.Generator().manual_seed(3))
+    estimate = estimate_importance(model, batches, SgdMechanism(0.02, 1.0, 5, 1.0, 40.0), NoiseSource.seeded(3))
     assert estimate.noise_std == pytest.approx(0.02 * np.sqrt(5) / 200)
     assert estimate.ledger_steps == (0.02, 1.0, 5)
     clear = reference > 6 * estimate.noise_std  # away from the clamp at 0
@@ -220,8 +221,8 @@ def test_importances_cost_extra_epsilon_at_the_same_training_schedule():
 
     model = small_model()
     x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
-    estimate = estimate_importance(model, [(x[:8], y[:8]), (x[8:14], y[8:14])], clip_norm=1.0, noise_multiplier=3.0,
-                                   sample_rate=0.1, dataset_size=64)
+    estimate = estimate_importance(model, [(x[:8], y[:8]), (x[8:14], y[8:14])], SgdMechanism(3.0, 0.1, 2, 1.0, 6.4),
+                                   NoiseSource.seeded(0))
     training = [(1.0, 0.1, 200)]  # noise multiplier, sample rate, steps
     for mechanism in ("prv", "rdp"):
         without, with_importance = create_accountant(mechanism), create_accountant(mechanism)
@@ -244,9 +245,8 @@ def dp_sgd_run(ewc_lambda: float, state: EwcState, anchor: dict[str, np.ndarray]
         head.bias.copy_(torch.from_numpy(anchor["bias"]))
     generator = torch.Generator().manual_seed(0)
     features, labels = torch.randn(128, 8, generator=generator), torch.randint(0, 3, (128,), generator=generator)
-    train_private_features(head, features, labels, steps=20, expected_batch_size=16, learning_rate=0.5,
-                           noise_multiplier=1.0, max_grad_norm=1.0, seed=7,
-                           extra_gradient=functools.partial(state.penalty_gradient, ewc_lambda=ewc_lambda))
+    train_private_features(head, features, labels, SgdMechanism(1.0, 16 / 128, 20, 1.0, 16.0), 0.5,
+                           NoiseSource.seeded(7), extra_gradient=functools.partial(state.penalty_gradient, ewc_lambda=ewc_lambda))
     return anchor_arrays(head)
 
 
@@ -262,3 +262,20 @@ def test_under_dp_sgd_the_penalty_gradient_changes_the_update_and_holds_the_anch
                 for name, run in (("free", free), ("held", held))}
     assert any(not np.array_equal(free[k], held[k]) for k in anchor)
     assert distance["held"] < 0.5 * distance["free"]
+
+
+def test_importance_needs_exactly_the_mechanisms_batches_and_divides_by_its_expected_size():
+    """Fewer or more batches than mechanism.steps is refused; the divisor is the public expected batch x steps."""
+    model = small_model()
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    batch = (x[:6], y[:6])
+    for count in (1, 3):
+        with pytest.raises(ValueError, match="exactly mechanism.steps"):
+            estimate_importance(model, [batch] * count, SgdMechanism(0.0, 0.5, 2, 1.0, 6.0), NoiseSource.seeded(0))
+    with pytest.raises(ValueError, match="0 steps"):
+        estimate_importance(model, [], SgdMechanism(0.0, 0.5, 0, 1.0, 6.0), NoiseSource.seeded(0))
+    one = estimate_importance(model, [batch] * 2, SgdMechanism(0.0, 0.5, 2, 1.0, 6.0), NoiseSource.seeded(0))
+    half = estimate_importance(model, [batch] * 2, SgdMechanism(0.0, 0.5, 2, 1.0, 12.0), NoiseSource.seeded(0))
+    for name, value in one.importance.items():
+        np.testing.assert_allclose(half.importance[name], value / 2, rtol=1e-6)
+    assert one.ledger_steps == (0.0, 0.5, 2)

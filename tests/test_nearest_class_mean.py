@@ -10,6 +10,7 @@ import torch
 
 from client.gaussian_release import analytic_gaussian_sigma, gaussian_delta
 from client.nearest_class_mean import class_feature_sums, mean_pooled_features, release_class_sums
+from client.secure_noise import NoiseSource
 from strategies.ncm_sums import ClassSums, predict_nearest_class
 
 
@@ -24,7 +25,8 @@ def test_without_noise_the_federation_equals_a_plain_numpy_nearest_class_mean():
     sites = [(unit_rows(rng, 30, dim), rng.integers(0, num_classes, 30)) for _ in range(3)]
     total = ClassSums.empty(num_classes, dim)
     for features, labels in sites:
-        release = release_class_sums(class_feature_sums(features, labels, num_classes), range(num_classes), 0.0, rng)
+        release = release_class_sums(class_feature_sums(features, labels, num_classes), range(num_classes), 0.0,
+                                     NoiseSource.seeded(0))
         assert release.ledger_steps == (0.0, 1.0, 1)
         total.add(release.sums, release.classes)
     pooled_x = np.concatenate([f for f, _ in sites])
@@ -63,13 +65,15 @@ def test_release_noises_exactly_the_released_rows():
     rng = np.random.default_rng(2)
     sums = np.zeros((5, 400))
     sums[1] = 1.0
-    release = release_class_sums(sums, [1, 3], noise_multiplier=0.5, rng=rng)
+    release = release_class_sums(sums, [1, 3], noise_multiplier=0.5, noise=NoiseSource.seeded(2))
     assert release.classes == (1, 3) and release.ledger_steps == (0.5, 1.0, 1)
     assert np.all(release.sums[[0, 2, 4]] == 0)
     noise = np.concatenate([release.sums[1] - 1.0, release.sums[3]])  # class 3 is absent here, yet noised
     assert np.std(noise) == pytest.approx(0.5, rel=0.1)
     with pytest.raises(ValueError, match="outside `classes`"):
-        release_class_sums(sums, [3], 0.5, rng)
+        release_class_sums(sums, [3], 0.5, NoiseSource.seeded(2))
+    with pytest.raises(ValueError, match="NoiseSource"):
+        release_class_sums(sums, [1, 3], 0.5, rng)  # a numpy generator is not a noise source
 
 
 def test_features_are_mean_pooled_unit_vectors_of_the_frozen_base(tiny_model_dir):
@@ -176,7 +180,7 @@ def test_real_minilm_nearest_class_mean_on_two_clinc150_domains():
         for site in range(3):
             part = np.arange(site, len(train), 3)
             sums = class_feature_sums(train_x[part], train_y[part], len(data.label_names))
-            release = release_class_sums(sums, classes, noise, np.random.default_rng(site))
+            release = release_class_sums(sums, classes, noise, NoiseSource.seeded(site))
             total.add(release.sums, release.classes)
         predicted = predict_nearest_class(test_x, total.sums, sorted(total.released))
         accuracies[name] = float(np.mean(predicted == test_y))

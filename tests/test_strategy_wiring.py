@@ -192,8 +192,10 @@ def run_client(flat: dict, message: Message, partition: int, run_dir: Path, serv
     from client.app import train
 
     message.content["config"] = ConfigRecord({"server-round": server_round, "phase": "lora", "plan-probe-rounds": 0,
-                                             "plan-lora-rounds": 3 - server_round, "run-dir": str(run_dir)})
-    context = Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition, "num-partitions": 2},
+                                             "plan-lora-rounds": 3 - server_round})
+    node_config = {"partition-id": partition, "num-partitions": 2, "state-dir": str(run_dir / f"site-{partition}"),
+                   "dp": flat.get("dp", True)}
+    context = Context(run_id=1, node_id=partition + 1, node_config=node_config,
                       state=RecordDict(), run_config=flat)
     return train(message, context)
 

@@ -1,0 +1,144 @@
+"""The phases of a site round, each running exactly the mechanism it is given.
+
+- :func:`run_probe`: DP-SGD of the head on the cached head inputs of the pool
+  records (only the head rows of the classes seen so far, when given).
+- :func:`run_lora`: DP-SGD of LoRA and the head on the pool's tokenised rows.
+- :func:`run_importance`: the private EWC importance estimate on an experience's records.
+- :func:`run_class_sums`: the nearest-class-mean release of one experience's class sums.
+
+No phase chooses a sample rate, a step count or a noise level: the
+:class:`~client.mechanisms.SgdMechanism` it receives is the one the site's
+budget priced (``client/site_round.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from client.continual import head_prefix, importance_batches, pool_rows
+from client.dp_training import PrivateOutcome, train_private, train_private_features
+from client.ewc import ImportanceEstimate, estimate_importance
+from client.head_features import adapter_fingerprint, head_inputs, head_module
+from client.local_training import trim_padding
+from client.mechanisms import SgdMechanism
+from client.nearest_class_mean import class_feature_sums, mean_pooled_features, release_class_sums
+from client.secure_noise import NoiseSource
+from client.site_runtime import SiteRuntime
+
+MOMENTUM = 0.9  # SGD with momentum after the noise, in every phase, private or not
+
+_HEAD_INPUTS: dict[tuple, tuple[Any, Any, str, torch.Tensor]] = {}
+_FROZEN_FEATURES: dict[tuple, tuple[Any, Any, np.ndarray]] = {}
+
+
+def cached_head_inputs(runtime: SiteRuntime, split: str) -> torch.Tensor:
+    """The head inputs of a split under the current adapter; recomputed only when the LoRA tensors change.
+
+    One entry per site and split is kept (the latest adapter). The entry holds
+    the site's data and model objects themselves and is reused only for those
+    very objects (identity, not ``id()``, which Python reuses after a free), so
+    a new split or model never meets stale vectors.
+    """
+    key = (runtime.data.name, split)
+    fingerprint = adapter_fingerprint(runtime.adapter.model)
+    cached = _HEAD_INPUTS.get(key)
+    if cached is None or cached[0] is not runtime.data or cached[1] is not runtime.adapter or cached[2] != fingerprint:
+        data = runtime.data.train if split == "train" else runtime.data.test
+        cached = (runtime.data, runtime.adapter, fingerprint,
+                  head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size))
+        _HEAD_INPUTS[key] = cached
+    return cached[3]
+
+
+def frozen_features(runtime: SiteRuntime, split: str) -> np.ndarray:
+    """Unit-length mean-pooled features of the frozen base (adapters off) for a split, once per process."""
+    key = (runtime.data.name, split)
+    cached = _FROZEN_FEATURES.get(key)
+    if cached is None or cached[0] is not runtime.data or cached[1] is not runtime.adapter:
+        data = runtime.data.train if split == "train" else runtime.data.test
+        size = runtime.config.eval_batch_size
+        chunks = [mean_pooled_features(runtime.adapter.model,
+                                       trim_padding(data.rows(torch.arange(start, min(start + size, len(data))))),
+                                       batch_size=size)
+                  for start in range(0, len(data), size)]
+        features = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
+        cached = (runtime.data, runtime.adapter, features)
+        _FROZEN_FEATURES[key] = cached
+    return cached[2]
+
+
+def forget_cached_features() -> None:
+    """Drop every cached feature tensor (what a restarted site process would not have)."""
+    _HEAD_INPUTS.clear()
+    _FROZEN_FEATURES.clear()
+
+
+def run_probe(runtime: SiteRuntime, pool: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource,
+              extra_gradient: Callable | None = None, rows: np.ndarray | None = None) -> PrivateOutcome:
+    """DP-SGD of the head on the pool's head inputs; with ``rows``, only those rows of a Linear head train.
+
+    Training only the seen classes' rows (as Avalanche's ``IncrementalClassifier``
+    grows its units) keeps noise off the rows of classes still to come. Which
+    rows is public (the global plan); labels are mapped to row order.
+    """
+    index = torch.as_tensor(pool, dtype=torch.long)
+    features, labels = cached_head_inputs(runtime, "train")[index], runtime.data.train.labels[index]
+    head = head_module(runtime.adapter.model)
+    part = head if rows is None else _rows_of(head, rows)
+    if rows is not None:
+        labels = torch.as_tensor(np.searchsorted(rows, labels.numpy()), dtype=torch.long)
+    outcome = train_private_features(part, features, labels, mechanism, runtime.config.probe_learning_rate, noise,
+                                     optimizer="sgd", momentum=MOMENTUM, extra_gradient=extra_gradient)
+    if rows is not None:
+        with torch.no_grad():
+            head.weight[torch.as_tensor(rows)] = part.weight
+            head.bias[torch.as_tensor(rows)] = part.bias
+    return outcome
+
+
+def run_lora(runtime: SiteRuntime, pool: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource,
+             extra_gradient: Callable | None = None) -> PrivateOutcome:
+    """DP-SGD of LoRA and the head on the pool's tokenised rows."""
+    return train_private(runtime.adapter.model, pool_rows(runtime, pool), mechanism, runtime.config.learning_rate,
+                         noise, optimizer="sgd", momentum=MOMENTUM, extra_gradient=extra_gradient)
+
+
+def run_importance(runtime: SiteRuntime, positions: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource,
+                   lora: bool) -> ImportanceEstimate:
+    """EWC importances of the trainable parameters on ``positions``, keyed by the full model's parameter names.
+
+    ``lora``: of LoRA + head on the tokenised rows; otherwise of the head on
+    the cached head inputs (the only parameters that train).
+    """
+    model = runtime.adapter.model
+    features = None if lora else cached_head_inputs(runtime, "train")
+    batches = importance_batches(runtime, positions, mechanism.steps, mechanism.sample_rate, lora, features, noise)
+    if lora:
+        return estimate_importance(model, batches, mechanism, noise)
+    prefix = head_prefix(model)
+    estimate = estimate_importance(head_module(model), batches, mechanism, noise)
+    return ImportanceEstimate({prefix + k: v for k, v in estimate.importance.items()}, estimate.ledger_steps,
+                              estimate.noise_std)
+
+
+def run_class_sums(runtime: SiteRuntime, positions: np.ndarray, classes: np.ndarray, mechanism: SgdMechanism,
+                   noise: NoiseSource) -> np.ndarray:
+    """One Gaussian release of the class sums of ``positions`` (sensitivity 1) on the rows ``classes``."""
+    features = frozen_features(runtime, "train")[positions]
+    labels = runtime.data.train.labels.numpy()[positions]
+    sums = class_feature_sums(features.reshape(len(positions), -1) if len(positions) else
+                              np.zeros((0, frozen_features(runtime, "train").shape[1])), labels,
+                              len(runtime.data.label_names))
+    return release_class_sums(sums, classes, mechanism.noise_multiplier, noise).sums
+
+
+def _rows_of(head: torch.nn.Linear, rows: np.ndarray) -> torch.nn.Linear:
+    """A Linear holding a copy of ``rows`` of ``head`` (output units), to train and write back."""
+    part = torch.nn.Linear(head.in_features, len(rows), device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(head.weight[torch.as_tensor(rows)])
+        part.bias.copy_(head.bias[torch.as_tensor(rows)])
+    return part

@@ -1,0 +1,215 @@
+"""The site's budget for one round: open the ledger under a lock, choose the noise, price, record, save.
+
+:func:`open_budget` is the only way a round touches the ledger:
+
+1. takes an exclusive, non-blocking lock on the state directory (a second
+   training on the same state directory is refused at once, never queued:
+   two overlapping load-train-save cycles would lose a spend);
+2. checks the sentinel: a site that has ever recorded a mechanism has a
+   sentinel holding its step count; a missing ledger beside a sentinel (or
+   beside any other training state) is a lost ledger, and a ledger with fewer
+   steps than the sentinel is a rolled-back one: both refuse to train, with
+   or without a fixed noise multiplier;
+3. :meth:`SiteBudget.noise_multiplier` is the one place sigma is chosen: the
+   committed sigma while the site's remaining plan still fits under it, else
+   the smallest sigma that fits (a bisection against the RDP filter);
+4. :meth:`SiteBudget.can_afford` prices the exact mechanism objects the phase
+   will run, and :meth:`SiteBudget.record` records them, saves the ledger
+   atomically and then the sentinel, before any output leaves.
+
+A round without DP takes the same lock (the buffer and EWC state are still
+written) and has no ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from client.mechanisms import SgdMechanism, Step
+from client.privacy_ledger import FILTER_ORDERS, BudgetError, LedgerError, PrivacyLedger, best_order
+from client.site_policy import SitePolicy
+from client.site_state import SiteState
+from fedcl.atomic_files import write_json_atomic
+
+MAX_SIGMA = 1e4  # past this no noise level trains anything: the plan does not fit
+Segment = tuple[float, int]  # (sample_rate, steps) at the noise being chosen
+
+
+class SiteBusyError(ValueError):
+    """Another training holds this site's state directory."""
+
+
+@dataclass
+class SiteBudget:
+    """An open ledger (None without DP) under the site's lock."""
+
+    state: SiteState
+    policy: SitePolicy
+    ledger: PrivacyLedger | None
+
+    def noise_multiplier(self, plan: Sequence[Segment], fixed: Sequence[Step] = (), proposed: float = 0.0) -> float:
+        """The noise multiplier for the site's remaining plan: ``plan`` at that sigma plus ``fixed`` entries.
+
+        ``proposed > 0`` (run config ``noise-multiplier``) is taken as it is;
+        the filter still stops the site at its target. Otherwise the sigma
+        committed by an earlier round is kept while history + fixed + plan
+        still fits under it; else the smallest sigma that fits is searched
+        and committed. On first use the filter order is fixed to the best
+        order for that plan. Raises :class:`BudgetError` when no sigma up to
+        1e4 fits (the budget is spent).
+        """
+        ledger = self._ledger()
+        fixed = list(fixed)
+        segments = [(float(q), int(n)) for q, n in plan if n > 0]
+        if not segments:
+            raise ValueError("the plan has no steps; nothing to calibrate")
+
+        def entries(sigma: float) -> list[Step]:
+            return [*fixed, *((sigma, q, n) for q, n in segments)]
+
+        if proposed > 0:
+            sigma = float(proposed)
+        else:
+            committed = self._committed_sigma()
+            if committed and ledger.filter_order is not None and ledger.can_afford(entries(committed)):
+                return committed
+            sigma = _smallest_fitting(ledger, entries)
+        ledger.commit_order(best_order([*ledger.history, *entries(sigma)], ledger.delta))
+        if proposed <= 0:
+            write_json_atomic(self.state.folder / "noise.json", {"noise_multiplier": sigma})
+        return sigma
+
+    def can_afford(self, mechanisms: Sequence[SgdMechanism]) -> bool:
+        """True if the filter lets these exact mechanisms run (always True without DP)."""
+        if self.ledger is None:
+            return True
+        return self.ledger.can_afford([m.ledger_entry for m in mechanisms])
+
+    def epsilon_if(self, mechanisms: Sequence[SgdMechanism]) -> float:
+        """Epsilon after these mechanisms (0 without DP)."""
+        return 0.0 if self.ledger is None else self.ledger.epsilon_if([m.ledger_entry for m in mechanisms])
+
+    def record(self, mechanism: SgdMechanism) -> None:
+        """Record a mechanism that ran, save the ledger atomically, then the sentinel; nothing without DP."""
+        if self.ledger is None or not mechanism.private:
+            return
+        if not self.ledger.can_afford([mechanism.ledger_entry]):  # the caller checked; never record past the target
+            raise BudgetError("the mechanism was not priced before it ran; this is a bug in the site round")
+        self.ledger.record(*mechanism.ledger_entry)
+        self.ledger.save(self.state.ledger)
+        write_json_atomic(self.state.sentinel, {"format": "fedcl-sentinel", "dp_steps_total": self.ledger.total_steps})
+
+    def facts(self) -> dict[str, float]:
+        """The ledger's figures for the reply (all functions of the public mechanisms recorded)."""
+        if self.ledger is None:
+            return {}
+        return {"epsilon": self.ledger.epsilon(), "dp-steps-total": self.ledger.total_steps,
+                "target-epsilon": self.ledger.target_epsilon, "delta": self.ledger.delta}
+
+    def _ledger(self) -> PrivacyLedger:
+        if self.ledger is None:
+            raise ValueError("this site runs without DP: there is no noise to choose")
+        return self.ledger
+
+    def _committed_sigma(self) -> float:
+        path = self.state.folder / "noise.json"
+        if not path.exists():
+            return 0.0
+        try:
+            return float(json.loads(path.read_text(encoding="utf-8"))["noise_multiplier"])
+        except (ValueError, KeyError, TypeError):
+            return 0.0  # a damaged hint only costs a new calibration; the ledger is what guards the budget
+
+
+def _smallest_fitting(ledger: PrivacyLedger, entries) -> float:  # noqa: ANN001 - entries: sigma -> list[Step]
+    """Bisection (in log sigma) for the smallest sigma whose entries the filter lets through."""
+    def fits(sigma: float) -> bool:
+        order = ledger.filter_order
+        if order is None:  # not committed yet: the best order for this plan
+            trial = PrivacyLedger(ledger.target_epsilon, ledger.delta, [*ledger.history, *entries(sigma)])
+            return trial.epsilon() <= ledger.target_epsilon
+        return ledger.can_afford(entries(sigma))
+
+    high = 1.0
+    while not fits(high):
+        high *= 2
+        if high > MAX_SIGMA:
+            raise BudgetError(
+                f"target-epsilon = {ledger.target_epsilon}: the site has spent {ledger.epsilon():.3g} and no noise "
+                "multiplier fits what it still plans; raise target-epsilon in the site's policy (a new site) or plan "
+                "fewer rounds or steps")
+    low = high / 2
+    while fits(low) and low > 1e-3:
+        high, low = low, low / 2
+    while high / low > 1.002:
+        middle = math.sqrt(low * high)
+        if fits(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+@contextlib.contextmanager
+def open_budget(state: SiteState, policy: SitePolicy) -> Iterator[SiteBudget]:
+    """The site's budget for one round, under its exclusive lock (see the module docstring).
+
+    Raises :class:`SiteBusyError` when another training holds the lock and
+    :class:`LedgerError` for a lost, rolled-back or damaged ledger.
+    """
+    with _exclusive_lock(state):
+        ledger = _open_ledger(state, policy) if policy.dp else None
+        yield SiteBudget(state, policy, ledger)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(state: SiteState) -> Iterator[None]:
+    handle = state.lock.open("a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise SiteBusyError(
+                f"{state.folder} is in use by another training of this site; one training at a time per state "
+                "directory: wait for it to finish, or give each site its own state-dir") from err
+        yield
+    finally:
+        handle.close()  # closing releases the flock
+
+
+def _open_ledger(state: SiteState, policy: SitePolicy) -> PrivacyLedger:
+    """Load the ledger, or create it for a site that never trained; refuse a lost or rolled-back one."""
+    restore = "restore the whole state directory from its latest backup (a site must never restart its budget)"
+    sentinel_steps = _sentinel_steps(state)
+    if not state.ledger.exists():
+        others = state.training_files()
+        if sentinel_steps is not None or others:
+            found = state.sentinel.name if sentinel_steps is not None else others[0].name
+            raise LedgerError(f"privacy ledger {state.ledger} is missing but {found} shows the site has trained; {restore}")
+        ledger = PrivacyLedger(target_epsilon=policy.target_epsilon, delta=policy.delta)
+        ledger.save(state.ledger)
+        return ledger
+    ledger = PrivacyLedger.load(state.ledger, target_epsilon=policy.target_epsilon, delta=policy.delta)
+    if sentinel_steps is not None and ledger.total_steps < sentinel_steps:
+        raise LedgerError(
+            f"privacy ledger {state.ledger} holds {ledger.total_steps} steps but the sentinel recorded "
+            f"{sentinel_steps}: the ledger was rolled back; {restore}")
+    return ledger
+
+
+def _sentinel_steps(state: SiteState) -> int | None:
+    if not state.sentinel.exists():
+        return None
+    try:
+        document = json.loads(state.sentinel.read_text(encoding="utf-8"))
+        return int(document["dp_steps_total"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise LedgerError(f"{state.sentinel} is damaged ({err}); restore the state directory from its backup") from err
+
+
+__all__ = ["FILTER_ORDERS", "SiteBudget", "SiteBusyError", "open_budget"]

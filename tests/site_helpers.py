@@ -1,0 +1,56 @@
+"""Helpers for tests that run a site's round directly: configs, the runtime, the policy, one round, a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from client.site_policy import SitePolicy, site_policy
+from client.site_round import RoundResult, site_round
+from client.site_state import open_state
+from fedcl.model_factory import set_trainable_arrays
+
+
+def node_config(state_dir: Path, partition: int = 0, sites: int = 2, **policy: Any) -> dict[str, Any]:
+    """A SuperNode's node config: its partition, its state directory and its privacy policy."""
+    return {"partition-id": partition, "num-partitions": sites, "state-dir": str(state_dir), **policy}
+
+
+def runtime_of(flat: dict, site: int = 0):
+    """The site's runtime with the seeded initial adapter installed (as the ClientApp does in round 1)."""
+    from client.site_runtime import site_runtime
+
+    runtime = site_runtime(flat, {"partition-id": site, "num-partitions": flat["num-sites"]})
+    set_trainable_arrays(runtime.adapter.model, runtime.adapter.initial_state)
+    return runtime
+
+
+def policy_of(flat: dict, state_dir: Path, **keys: Any) -> SitePolicy:
+    """The policy a site with node config ``keys`` (default: the run's own proposal) would read."""
+    proposal = {"dp": flat.get("dp", True), "target-epsilon": flat.get("target-epsilon", 8.0),
+                "delta": flat.get("delta", 1e-5)}
+    return site_policy(node_config(state_dir, **{**proposal, **keys}), environ={})
+
+
+def run_round(runtime, server_round: int, state_dir: Path, flat: dict | None = None, noise=None,
+              round_config: dict | None = None, **policy: Any) -> RoundResult:
+    """One training round as the ClientApp runs it, with the server's usual round config."""
+    from client.continual import stream_context
+
+    schedule = stream_context(runtime).schedule
+    config = round_config if round_config is not None else {"server-round": server_round,
+                                                            **schedule.round_config(server_round)}
+    flat = flat if flat is not None else runtime.config.to_flat()
+    return site_round(runtime, policy_of(flat, state_dir, **policy), open_state(Path(state_dir)), config, noise=noise)
+
+
+def forget_process_state() -> None:
+    """What a restarted site process would not have: every module-level cache."""
+    import client.continual as continual
+    import client.phases as phases
+    import client.site_runtime as site_runtime
+    import fedcl.model_factory as model_factory
+
+    for cache in (continual._CONTEXTS, site_runtime._DATASETS, site_runtime._ENCODED, model_factory._CACHE):
+        cache.clear()
+    phases.forget_cached_features()
