@@ -334,7 +334,9 @@ def _check_estimate_args(model: Any, mechanism: SgdMechanism, noise: Any) -> Non
     from client.secure_noise import NoiseSource
 
     if not isinstance(noise, NoiseSource):
-        raise ValueError(f"noise {noise!r}: pass a client.secure_noise.NoiseSource (NoiseSource.secure() in a deployment)")
+        raise ValueError(
+            f"noise {noise!r}: pass a client.secure_noise.NoiseSource (NoiseSource.secure() in a deployment)"
+        )
 
 
 def _dropout_off(model: Any) -> None:

@@ -120,7 +120,9 @@ def release_class_sums(
     from client.secure_noise import NoiseSource
 
     if not isinstance(noise, NoiseSource):
-        raise ValueError(f"noise {noise!r}: pass a client.secure_noise.NoiseSource (NoiseSource.secure() in a deployment)")
+        raise ValueError(
+            f"noise {noise!r}: pass a client.secure_noise.NoiseSource (NoiseSource.secure() in a deployment)"
+        )
     others = np.setdiff1d(np.arange(len(sums)), rows)
     if np.any(sums[others] != 0):
         raise ValueError("the sums hold records of classes outside `classes`; release every class that has records")

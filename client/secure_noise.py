@@ -29,8 +29,9 @@ Opacus also draws and throws away one sample first; that protects a seeded
 generator's first output, and OS CSPRNG bytes are independent draw to draw,
 so it is not repeated here.
 
-Why not torchcsprng: it is unmaintained and has no build for torch 2.x; the
-standard library's OS CSPRNG is what remains.
+Why not torchcsprng (what Opacus' secure_mode asks for): its last release
+targets torch 1.x and the package index here has no build of it; the
+operating system's CSPRNG through the standard library is what remains.
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ def test_poisson_batches_have_mean_q_times_records_at_the_mechanisms_rate(record
     mechanism = sgd_mechanism(1.0, 10, 200, 400, 1.0)  # priced for 200 nominal records
     q = mechanism.sample_rate
     generator = torch.Generator().manual_seed(3)
-    features, labels = torch.randn(records, 8, generator=generator), torch.randint(0, 3, (records,), generator=generator)
+    features = torch.randn(records, 8, generator=generator)
+    labels = torch.randint(0, 3, (records,), generator=generator)
     head = RecordingHead(8, 3)
     outcome = train_private_features(head, features, labels, mechanism, 0.01, NoiseSource.seeded(4))
     assert outcome.steps == mechanism.steps

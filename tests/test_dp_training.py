@@ -225,7 +225,8 @@ def test_zero_steps_change_nothing_and_report_zero() -> None:
 
 
 @pytest.mark.parametrize(("sigma", "clip", "fixed"), [(1.0, 1.0, True), (0.0, UNBOUNDED_CLIP, False)])
-def test_private_batches_keep_the_full_padded_length_and_plain_ones_trim(sigma: float, clip: float, fixed: bool) -> None:
+def test_private_batches_keep_the_full_padded_length_and_plain_ones_trim(sigma: float, clip: float,
+                                                                         fixed: bool) -> None:
     """Step time must not depend on the batch's longest record under DP; plain training may trim."""
     generator = torch.Generator().manual_seed(0)
     data = tiny_data(records=24)

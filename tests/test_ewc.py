@@ -246,7 +246,8 @@ def dp_sgd_run(ewc_lambda: float, state: EwcState, anchor: dict[str, np.ndarray]
     generator = torch.Generator().manual_seed(0)
     features, labels = torch.randn(128, 8, generator=generator), torch.randint(0, 3, (128,), generator=generator)
     train_private_features(head, features, labels, SgdMechanism(1.0, 16 / 128, 20, 1.0, 16.0), 0.5,
-                           NoiseSource.seeded(7), extra_gradient=functools.partial(state.penalty_gradient, ewc_lambda=ewc_lambda))
+                           NoiseSource.seeded(7),
+                           extra_gradient=functools.partial(state.penalty_gradient, ewc_lambda=ewc_lambda))
     return anchor_arrays(head)
 
 
