@@ -275,12 +275,12 @@ def data_free_directions(features: np.ndarray, energy: float = DATA_FREE_ENERGY)
     return vectors[:, :count].T.copy()
 
 
-def head_canary_capacity(site: SiteFeatures) -> int:
+def head_canary_capacity(site: SiteFeatures, energy: float = DATA_FREE_ENERGY) -> int:
     """The most head canaries this site allows: one per (data-free direction, label) pair."""
-    return len(data_free_directions(site.features)) * site.num_classes
+    return len(data_free_directions(site.features, energy)) * site.num_classes
 
 
-def head_canaries(site: SiteFeatures, count: int, seed: int) -> Canaries:
+def head_canaries(site: SiteFeatures, count: int, seed: int, energy: float = DATA_FREE_ENERGY) -> Canaries:
     """``count`` head canaries: data-free unit directions, each shared by at most ``num_classes`` distinct labels.
 
     The directions are spread over as many data-free directions as there are
@@ -288,7 +288,7 @@ def head_canaries(site: SiteFeatures, count: int, seed: int) -> Canaries:
     distinct random labels. Coins are fair and drawn from ``seed``. Raises
     ValueError when ``count`` exceeds :func:`head_canary_capacity`.
     """
-    free = data_free_directions(site.features)
+    free = data_free_directions(site.features, energy)
     capacity = len(free) * site.num_classes
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= capacity:
         raise ValueError(

@@ -27,7 +27,7 @@ def experience_plan(config: RunConfig, data: LabelledTexts) -> ExperiencePlan:
 
 
 def check_stream(config: RunConfig, data: LabelledTexts, sites: Sequence[SiteSplit]) -> list[str]:
-    """Check the stream against the data before training; returns notes (empty experiences, which are skipped).
+    """Check the stream against the data before training; returns notes (empty experiences: noise-only rounds).
 
     Raises :class:`ConfigError` for a bad plan, a replay size larger than a
     site's training data, or a site with no training record in any experience.
@@ -45,8 +45,9 @@ def check_stream(config: RunConfig, data: LabelledTexts, sites: Sequence[SiteSpl
             raise ConfigError(f"config key 'stream-groups' = {config.stream_groups!r}: {split.name} has no training "
                               "record in any experience; use other groups, partition or sites")
         if empty and not config.joint:
-            notes.append(f"{split.name} has no training records in experience(s) {empty}: it will skip them "
-                         "(logged), and still be evaluated on them")
+            notes.append(f"{split.name} has no training records in experience(s) {empty}: it runs its rounds "
+                         "there on an empty pool (noise only: a skip would tell the server), and is still evaluated "
+                         "on them")
     return notes
 
 
