@@ -9,7 +9,7 @@ Opacus hooks (``GradSampleModule``), clipping each to
 ``mechanism.max_grad_norm``, adding Gaussian noise of std ``noise_multiplier *
 max_grad_norm`` to the clipped sum and dividing by
 ``mechanism.expected_batch_size`` (a public constant, not the record count)
-(:class:`SourcedDPOptimizer`, Opacus' ``DPOptimizer`` with the noise drawn
+(:func:`sourced_dp_optimizer`, Opacus' ``DPOptimizer`` with the noise drawn
 from the round's :class:`~client.secure_noise.NoiseSource`). The loss is a
 mean over the batch, and the hooks are told so (``loss_reduction = "mean"``):
 with a mismatch the per-sample gradients are off by the batch size.
@@ -33,6 +33,7 @@ records ``mechanism.ledger_entry`` in the site's privacy ledger.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -42,7 +43,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.optimizers import DPOptimizer
 
 from client.local_training import Encoded, trim_padding
 from client.mechanisms import SgdMechanism
@@ -77,35 +77,50 @@ class PrivateOutcome:
     seconds: float
 
 
-class SourcedDPOptimizer(DPOptimizer):
-    """Opacus' ``DPOptimizer`` (clipping, accumulation, scaling unchanged) with its noise from a NoiseSource.
+def sourced_dp_optimizer(optimizer: torch.optim.Optimizer, *, noise: NoiseSource, noise_multiplier: float,
+                         max_grad_norm: float, expected_batch_size: float,
+                         loss_reduction: str = LOSS_REDUCTION) -> Any:
+    """Opacus' ``DPOptimizer`` over ``optimizer`` (clipping, accumulation, scaling unchanged), noise from ``noise``.
 
-    Only :meth:`add_noise` differs: the Gaussian of std ``noise_multiplier *
+    Only ``add_noise`` differs: the Gaussian of std ``noise_multiplier *
     max_grad_norm`` comes from ``noise.gaussian`` (OS CSPRNG and Opacus'
     secure_mode summing when the source is secure) instead of a torch
     generator. Opacus' processed-flag checks are kept: a ``summed_grad`` that
-    already received noise is refused until ``zero_grad``.
+    already received noise is refused until ``zero_grad``. The class is built
+    on first use: importing Opacus configures the root logger, which merely
+    importing this module must not do.
     """
+    return _sourced_class()(optimizer, noise=noise, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: float, loss_reduction: str = LOSS_REDUCTION) -> None:
-        """Wrap ``optimizer``; arguments as ``DPOptimizer``'s, plus the ``noise`` source (no generator)."""
-        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
-        self.noise = noise
 
-    def add_noise(self) -> None:
-        """Add the noise to each clipped sum and store the result in ``p.grad`` (as ``DPOptimizer.add_noise``)."""
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            if hasattr(p.summed_grad, PROCESSED_FLAG):
-                raise ValueError(
-                    "Gradients haven't been cleared since the last optimizer step; call zero_grad() before each "
-                    "step, or the same clipped sum would be released twice"
-                )
-            noise = self.noise.gaussian(p.summed_grad.shape, std, p.summed_grad.device, p.summed_grad.dtype)
-            p.grad = (p.summed_grad + noise).view_as(p)
-            setattr(p.summed_grad, PROCESSED_FLAG, True)
+@functools.lru_cache(maxsize=1)
+def _sourced_class() -> type:
+    from opacus.optimizers import DPOptimizer
+
+    class SourcedDPOptimizer(DPOptimizer):
+        """``DPOptimizer`` whose ``add_noise`` draws from a NoiseSource (see :func:`sourced_dp_optimizer`)."""
+
+        def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, noise_multiplier: float,
+                     max_grad_norm: float, expected_batch_size: float, loss_reduction: str) -> None:
+            super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                             expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+            self.noise = noise
+
+        def add_noise(self) -> None:
+            """Add the noise to each clipped sum and store it in ``p.grad`` (as ``DPOptimizer.add_noise``)."""
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                if hasattr(p.summed_grad, PROCESSED_FLAG):
+                    raise ValueError(
+                        "Gradients haven't been cleared since the last optimizer step; call zero_grad() before each "
+                        "step, or the same clipped sum would be released twice"
+                    )
+                noise = self.noise.gaussian(p.summed_grad.shape, std, p.summed_grad.device, p.summed_grad.dtype)
+                p.grad = (p.summed_grad + noise).view_as(p)
+                setattr(p.summed_grad, PROCESSED_FLAG, True)
+
+    return SourcedDPOptimizer
 
 
 @contextlib.contextmanager
@@ -248,7 +263,7 @@ def _dp_sgd(
     if mechanism.steps > 0:
         with per_sample_gradient_hooks(module) as named:
             params = list(named.values())
-            private = SourcedDPOptimizer(
+            private = sourced_dp_optimizer(
                 _base_optimizer(optimizer, params, learning_rate, momentum),
                 noise=noise,
                 noise_multiplier=mechanism.noise_multiplier,

@@ -86,7 +86,7 @@ def preflight(config: RunConfig) -> None:
 
 def check_budget_covers_one_round(config: RunConfig, smallest_site: int) -> None:
     """Refuse a budget that cannot pay for even the first round at the smallest site, naming what would."""
-    from client.privacy_ledger import BudgetError, compute_epsilon, require_budget_for_one_round
+    from client.privacy_ledger import BudgetError, PrivacyLedger, require_budget_for_one_round
 
     first_probe = config.probe_phase_rounds > 0
     batch, steps = (config.probe_batch_size, config.probe_steps) if first_probe else (config.batch_size, config.local_steps)
@@ -98,7 +98,7 @@ def check_budget_covers_one_round(config: RunConfig, smallest_site: int) -> None
             message = str(err).replace("local-steps", "probe-steps") if first_probe else str(err)
             raise ConfigError(f"config key 'target-epsilon' = {config.target_epsilon!r}: {message}") from err
         return
-    cost = compute_epsilon([(config.noise_multiplier, sample_rate, steps)], config.delta, config.accountant)
+    cost = PrivacyLedger(config.target_epsilon, config.delta, [(config.noise_multiplier, sample_rate, steps)]).epsilon()
     if cost > config.target_epsilon:
         raise ConfigError(
             f"config key 'target-epsilon' = {config.target_epsilon!r}: one round ({steps} steps at sample rate "

@@ -56,7 +56,7 @@ def test_bad_offsets_name_the_key_and_the_fix(text, sites):
     ({"stream": "class-incremental", "joint": True, "site-offsets": "0,0,1"}, "site-offsets.*joint"),
     ({"recipe": "ncm", "stream": "class-incremental", "replay-size": 5}, "replay-size.*nearest-class-mean"),
     ({"stream": "task-incremental"}, "stream.*none, class-incremental"),
-    ({"stream": "class-incremental", "replay-policy": "fifo"}, "replay-policy.*reservoir"),
+    ({"stream": "class-incremental", "replay-policy": "fifo"}, "replay-policy.*bernoulli"),
     ({"stream": "class-incremental", "ewc-decay": 0.0}, "ewc-decay"),
     ({"stream": "class-incremental", "ewc-importance-batches": 0}, "ewc-importance-batches"),
 ])

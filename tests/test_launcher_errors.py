@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("target-epsilon=0", "'target-epsilon' = 0.0"),
         ("max-grad-norm=0", "'max-grad-norm' = 0.0"),
         ("target-epsilon=0.05", "smallest workable setting is target-epsilon >= 0."),
-        ("target-epsilon=0.3 noise-multiplier=1.0", "smallest workable setting is target-epsilon >= 11."),
+        ("target-epsilon=0.3 noise-multiplier=1.0", "smallest workable setting is target-epsilon >= 12."),
     ],
 )
 def test_config_errors_print_one_line(overrides, expected, capsys, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.privacy_ledger import (
+    FILTER_ORDERS,
     BudgetError,
     LedgerError,
     PrivacyLedger,
@@ -25,6 +26,17 @@ from fedcl.run_config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SIGMA, RATE = 1.1, 0.05  # a typical DP-SGD step: noise multiplier ~1, batch 32 of ~600 records
+
+
+def fresh_rdp_epsilon(history: list, delta: float = 1e-5, orders: tuple | list = FILTER_ORDERS) -> float:
+    """Opacus' own RDP accountant, fed step by step, converted at the best of ``orders``."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for sigma, rate, steps in history:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=rate)
+    return float(accountant.get_privacy_spent(delta=delta, alphas=list(orders))[0])
 
 
 def _saved_ledger(tmp_path: Path) -> Path:
@@ -46,14 +58,20 @@ def test_round_trip_keeps_history_budget_and_epsilon(tmp_path: Path) -> None:
     path = _saved_ledger(tmp_path)
     loaded = PrivacyLedger.load(path)
     assert loaded.history == [(SIGMA, RATE, 20), (SIGMA, 0.04, 10)]
-    assert (loaded.target_epsilon, loaded.delta, loaded.accountant) == (8.0, 1e-5, "prv")
+    assert (loaded.target_epsilon, loaded.delta, loaded.filter_order) == (8.0, 1e-5, None)
     assert loaded.total_steps == 30
-    assert loaded.epsilon() == pytest.approx(compute_epsilon(loaded.history, 1e-5, "prv"))
+    assert loaded.epsilon() == pytest.approx(fresh_rdp_epsilon(loaded.history), rel=1e-9)  # best order until committed
+    loaded.commit_order(8.0)
+    loaded.commit_order(2.0)  # a committed order never changes
+    loaded.save(path)
+    again = PrivacyLedger.load(path)
+    assert again.filter_order == 8.0
+    assert again.epsilon() == pytest.approx(fresh_rdp_epsilon(again.history, orders=[8.0]), rel=1e-9)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
 def test_record_merges_like_opacus_and_zero_steps_record_nothing() -> None:
-    ledger = PrivacyLedger(target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    ledger = PrivacyLedger(target_epsilon=8.0, delta=1e-5)
     ledger.record(SIGMA, RATE, 5)
     ledger.record(SIGMA, RATE, 7)
     ledger.record(SIGMA, RATE, 0)
@@ -75,8 +93,6 @@ def test_damaged_file_raises_ledger_error(tmp_path: Path, damage) -> None:
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(LedgerError, match="restore the site's state directory"):
         PrivacyLedger.load(path)
-    with pytest.raises(LedgerError):  # never silently a fresh ledger
-        PrivacyLedger.load_or_create(path, target_epsilon=8.0, delta=1e-5)
 
 
 def test_foreign_or_future_file_raises(tmp_path: Path) -> None:
@@ -94,8 +110,8 @@ def test_mismatched_budget_raises(tmp_path: Path) -> None:
     path = _saved_ledger(tmp_path)
     with pytest.raises(LedgerError, match="delta"):
         PrivacyLedger.load(path, delta=1e-6)
-    with pytest.raises(LedgerError, match="accountant"):
-        PrivacyLedger.load_or_create(path, target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    with pytest.raises(LedgerError, match="target_epsilon"):
+        PrivacyLedger.load(path, target_epsilon=3.0)
     assert issubclass(LedgerError, ValueError)
 
 
@@ -103,7 +119,7 @@ def test_missing_file_is_fresh_only_when_asked(tmp_path: Path) -> None:
     path = tmp_path / "privacy_ledger.json"
     with pytest.raises(LedgerError, match="does not exist"):
         PrivacyLedger.load(path)
-    fresh = PrivacyLedger.load_or_create(path, target_epsilon=3.0, delta=1e-5)
+    fresh = PrivacyLedger(target_epsilon=3.0, delta=1e-5)
     assert fresh.history == [] and fresh.epsilon() == 0.0
     assert not path.exists()  # creating is not saving
 
@@ -128,29 +144,29 @@ def test_epsilon_continues_across_a_restart(tmp_path: Path) -> None:
     """k steps, save, a new process loads and adds m steps: epsilon equals the full history's (1%)."""
     k, m = 30, 20
     path = tmp_path / "privacy_ledger.json"
-    first = PrivacyLedger.load_or_create(path, target_epsilon=8.0, delta=1e-5)
+    first = PrivacyLedger(target_epsilon=8.0, delta=1e-5)
     first.record(SIGMA, RATE, k)
     first.save(path)
     before = first.epsilon()
     script = (
         "import sys; from client.privacy_ledger import PrivacyLedger as L\n"
-        "ledger = L.load_or_create(sys.argv[1], target_epsilon=8.0, delta=1e-5)\n"
+        "ledger = L.load(sys.argv[1], target_epsilon=8.0, delta=1e-5)\n"
         f"ledger.record({SIGMA}, {RATE}, {m}); ledger.save(sys.argv[1]); print(ledger.epsilon())\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
     after = float(done.stdout.strip().splitlines()[-1])
-    fresh = compute_epsilon([(SIGMA, RATE, k + m)], 1e-5, "prv")
+    fresh = fresh_rdp_epsilon([(SIGMA, RATE, k + m)])
     assert after > before
-    assert after == pytest.approx(fresh, rel=0.01)
-    assert PrivacyLedger.load(path).epsilon() == pytest.approx(fresh, rel=0.01)
+    assert after == pytest.approx(fresh, rel=1e-9)
+    assert PrivacyLedger.load(path).epsilon() == pytest.approx(fresh, rel=1e-9)
 
 
 def test_epsilon_if_prices_without_recording() -> None:
-    ledger = PrivacyLedger(target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    ledger = PrivacyLedger(target_epsilon=8.0, delta=1e-5)
     ledger.record(SIGMA, RATE, 40)
-    spent, planned = ledger.epsilon(), ledger.epsilon_if(SIGMA, RATE, 40)
+    spent, planned = ledger.epsilon(), ledger.epsilon_if([(SIGMA, RATE, 40)])
     assert ledger.history == [(SIGMA, RATE, 40)]
     ledger.record(SIGMA, RATE, 40)
     assert planned > spent
@@ -160,14 +176,16 @@ def test_epsilon_if_prices_without_recording() -> None:
 def test_hard_stop_keeps_every_site_within_a_small_budget() -> None:
     """Sites train round after round while the next round is affordable; none ends above its target."""
     for rate in (0.02, 0.05, 0.2):
-        ledger = PrivacyLedger(target_epsilon=1.0, delta=1e-5, accountant="rdp")
+        ledger = PrivacyLedger(target_epsilon=1.0, delta=1e-5)
+        ledger.commit_order(32.0)
         rounds = 0
-        while ledger.can_afford(SIGMA, rate, 10):
+        while ledger.can_afford([(SIGMA, rate, 10)]):
             ledger.record(SIGMA, rate, 10)
             rounds += 1
         assert rounds < 100
         assert ledger.epsilon() <= ledger.target_epsilon
-        assert ledger.epsilon_if(SIGMA, rate, 10) > ledger.target_epsilon
+        assert ledger.epsilon_if([(SIGMA, rate, 10)]) > ledger.target_epsilon
+        assert fresh_rdp_epsilon(ledger.history, orders=[32.0]) <= 1.0  # the filter's figure is Opacus' own
 
 
 def test_calibration_meets_the_target_tightly() -> None:
