@@ -28,7 +28,7 @@ import fcntl
 import json
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from client.mechanisms import SgdMechanism, Step
 from client.privacy_ledger import FILTER_ORDERS, BudgetError, LedgerError, PrivacyLedger, best_order
@@ -126,7 +126,7 @@ class SiteBudget:
             return 0.0  # a damaged hint only costs a new calibration; the ledger is what guards the budget
 
 
-def _smallest_fitting(ledger: PrivacyLedger, entries) -> float:  # noqa: ANN001 - entries: sigma -> list[Step]
+def _smallest_fitting(ledger: PrivacyLedger, entries: Callable[[float], list[Step]]) -> float:
     """Bisection (in log sigma) for the smallest sigma whose entries the filter lets through."""
     def fits(sigma: float) -> bool:
         order = ledger.filter_order
