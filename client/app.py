@@ -51,8 +51,9 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, SitePolicy, d
 
 
 def _site_record(runtime: SiteRuntime, status: str, reason: str = "") -> ConfigRecord:
-    return ConfigRecord({SITE_NAME: runtime.data.name, STATUS: status, REASON: reason,
-                         LABEL_NAMES: list(runtime.data.label_names)})
+    return ConfigRecord(
+        {SITE_NAME: runtime.data.name, STATUS: status, REASON: reason, LABEL_NAMES: list(runtime.data.label_names)}
+    )
 
 
 def reply_metrics(result: RoundResult, dp: bool) -> dict[str, float]:
@@ -75,8 +76,12 @@ def train(msg: Message, context: Context) -> Message:
             result = site_round(runtime, policy, state, round_config)
     except SiteBusyError as err:
         result = RoundResult("refused", str(err))
-    content = RecordDict({METRICS_RECORD: MetricRecord(reply_metrics(result, policy.dp)),
-                          SITE_RECORD: _site_record(runtime, result.status, result.reason)})
+    content = RecordDict(
+        {
+            METRICS_RECORD: MetricRecord(reply_metrics(result, policy.dp)),
+            SITE_RECORD: _site_record(runtime, result.status, result.reason),
+        }
+    )
     if result.status == "trained":
         arrays = {SUMS: result.release} if result.release is not None else reply_arrays(runtime, received)
         content[ARRAYS_RECORD] = to_record(arrays)

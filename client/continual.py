@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,13 +55,15 @@ class StreamContext:
 
     def seen_labels(self, experiences: int) -> np.ndarray:
         """Label ids of the first ``experiences`` experiences (the global plan's: public), sorted."""
-        return np.unique(np.concatenate(self.labels[:max(experiences, 1)]))
+        return np.unique(np.concatenate(self.labels[: max(experiences, 1)]))
 
     def check_plan(self, sent: str) -> None:
         """Raise ValueError if the server's plan (JSON, when sent) differs from the one this site derives."""
         if sent and json.loads(sent) != self.plan.to_dict():
-            raise ValueError("the server's experience plan differs from this site's: server and sites must run the "
-                             "same dataset, stream keys and seed")
+            raise ValueError(
+                "the server's experience plan differs from this site's: server and sites must run the "
+                "same dataset, stream keys and seed"
+            )
 
 
 _CONTEXTS: dict[tuple, StreamContext] = {}
@@ -74,13 +77,15 @@ def stream_context(runtime: SiteRuntime) -> StreamContext:
         data, sites = dataset_and_sites(config)
         plan, streams = streams_of(config, data, sites)
         schedule = ExperienceSchedule.from_config(config, len(plan))
-        _CONTEXTS[key] = StreamContext(plan, streams[runtime.data.index], schedule,
-                                       tuple(experience_labels(plan, data)))
+        _CONTEXTS[key] = StreamContext(
+            plan, streams[runtime.data.index], schedule, tuple(experience_labels(plan, data))
+        )
     return _CONTEXTS[key]
 
 
-def absorb_finished(runtime: SiteRuntime, context: StreamContext, folder: Any, experience: int,
-                    inclusion_probability: float) -> ReplayBuffer:
+def absorb_finished(
+    runtime: SiteRuntime, context: StreamContext, folder: Any, experience: int, inclusion_probability: float
+) -> ReplayBuffer:
     """Load the buffer and offer it every finished experience it has not absorbed yet; save it if it changed.
 
     Empty experiences are absorbed too (nothing is kept), so what the buffer
@@ -112,8 +117,15 @@ def pending_importance(ewc: EwcState | None, experience: int) -> int | None:
     return previous
 
 
-def importance_batches(runtime: SiteRuntime, positions: np.ndarray, steps: int, sample_rate: float, lora: bool,
-                       features: torch.Tensor | None, noise: NoiseSource) -> Iterator[tuple[Any, torch.Tensor]]:
+def importance_batches(
+    runtime: SiteRuntime,
+    positions: np.ndarray,
+    steps: int,
+    sample_rate: float,
+    lora: bool,
+    features: torch.Tensor | None,
+    noise: NoiseSource,
+) -> Iterator[tuple[Any, torch.Tensor]]:
     """``steps`` Poisson batches (rate ``sample_rate``) of ``positions``: tokenised rows (LoRA) or head inputs."""
     index = torch.as_tensor(positions, dtype=torch.long)
     labels = runtime.data.train.labels
@@ -142,8 +154,9 @@ def incremental_rows(runtime: SiteRuntime, context: StreamContext, experience: i
     return None if len(rows) == len(runtime.data.label_names) else rows
 
 
-def seen_rows_only(runtime: SiteRuntime, context: StreamContext, previous: int,
-                   importance: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def seen_rows_only(
+    runtime: SiteRuntime, context: StreamContext, previous: int, importance: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Zero the head's importances on the rows of classes not seen by the end of ``previous``.
 
     Those rows never trained (probe rounds train the seen rows only), so their
@@ -178,10 +191,15 @@ def penalty(runtime: SiteRuntime, ewc: EwcState | None, phase: str, rows: np.nda
     keep = slice(None) if rows is None else rows
 
     def head_part(terms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k[len(prefix):]: v[keep] for k, v in terms.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v[keep] for k, v in terms.items() if k.startswith(prefix)}
 
-    head_terms = EwcState(ewc.mode, ewc.decay, [head_part(f) for f in ewc.importances],
-                          [head_part(a) for a in ewc.anchors], list(ewc.experiences))
+    head_terms = EwcState(
+        ewc.mode,
+        ewc.decay,
+        [head_part(f) for f in ewc.importances],
+        [head_part(a) for a in ewc.anchors],
+        list(ewc.experiences),
+    )
     return functools.partial(head_terms.penalty_gradient, ewc_lambda=lam)
 
 

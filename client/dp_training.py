@@ -37,8 +37,9 @@ import functools
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,9 +78,15 @@ class PrivateOutcome:
     seconds: float
 
 
-def sourced_dp_optimizer(optimizer: torch.optim.Optimizer, *, noise: NoiseSource, noise_multiplier: float,
-                         max_grad_norm: float, expected_batch_size: float,
-                         loss_reduction: str = LOSS_REDUCTION) -> Any:
+def sourced_dp_optimizer(
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise: NoiseSource,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: float,
+    loss_reduction: str = LOSS_REDUCTION,
+) -> Any:
     """Opacus' ``DPOptimizer`` over ``optimizer`` (clipping, accumulation, scaling unchanged), noise from ``noise``.
 
     Only ``add_noise`` differs: the Gaussian of std ``noise_multiplier *
@@ -90,8 +97,14 @@ def sourced_dp_optimizer(optimizer: torch.optim.Optimizer, *, noise: NoiseSource
     on first use: importing Opacus configures the root logger, which merely
     importing this module must not do.
     """
-    return _sourced_class()(optimizer, noise=noise, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+    return _sourced_class()(
+        optimizer,
+        noise=noise,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction=loss_reduction,
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,10 +114,23 @@ def _sourced_class() -> type:
     class SourcedDPOptimizer(DPOptimizer):
         """``DPOptimizer`` whose ``add_noise`` draws from a NoiseSource (see :func:`sourced_dp_optimizer`)."""
 
-        def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, noise_multiplier: float,
-                     max_grad_norm: float, expected_batch_size: float, loss_reduction: str) -> None:
-            super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                             expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+        def __init__(
+            self,
+            optimizer: torch.optim.Optimizer,
+            *,
+            noise: NoiseSource,
+            noise_multiplier: float,
+            max_grad_norm: float,
+            expected_batch_size: float,
+            loss_reduction: str,
+        ) -> None:
+            super().__init__(
+                optimizer,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size,
+                loss_reduction=loss_reduction,
+            )
             self.noise = noise
 
         def add_noise(self) -> None:
@@ -335,9 +361,7 @@ def _check_settings(
 ) -> None:
     """Reject nonsense before any training, with the fix in the message (the mechanism checks itself)."""
     if not isinstance(mechanism, SgdMechanism):
-        raise ValueError(
-            f"mechanism {mechanism!r}: pass the client.mechanisms.SgdMechanism the site's budget priced"
-        )
+        raise ValueError(f"mechanism {mechanism!r}: pass the client.mechanisms.SgdMechanism the site's budget priced")
     if not isinstance(noise, NoiseSource):
         raise ValueError(
             f"noise {noise!r}: pass a client.secure_noise.NoiseSource (NoiseSource.secure() in a deployment)"

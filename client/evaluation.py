@@ -20,10 +20,15 @@ from client.site_runtime import SiteRuntime
 
 def evaluate_adapter(runtime: SiteRuntime, server_round: int) -> dict[str, float]:
     """Loss and accuracy of the installed global adapter on the test split, and per-experience counts."""
-    outcome = evaluate_head(head_module(runtime.adapter.model), cached_head_inputs(runtime, "test"),
-                            runtime.data.test.labels)
-    metrics: dict[str, float] = {"num-examples": outcome.examples, "eval-loss": outcome.loss,
-                                 "accuracy": outcome.accuracy, "eval-seconds": outcome.seconds}
+    outcome = evaluate_head(
+        head_module(runtime.adapter.model), cached_head_inputs(runtime, "test"), runtime.data.test.labels
+    )
+    metrics: dict[str, float] = {
+        "num-examples": outcome.examples,
+        "eval-loss": outcome.loss,
+        "accuracy": outcome.accuracy,
+        "eval-seconds": outcome.seconds,
+    }
     if runtime.config.continual:
         metrics.update(experience_metrics(runtime, server_round))
     return metrics
@@ -73,5 +78,8 @@ def evaluate_class_sums(runtime: SiteRuntime, sums: np.ndarray | None, server_ro
         predictions = predict_nearest_class(frozen_features(runtime, "test"), sums, released)
     else:
         predictions = np.full(len(labels), -1)
-    return {"num-examples": len(labels), "accuracy": float(np.mean(predictions == labels)) if len(labels) else 0.0,
-            **experience_counts(runtime, predictions, server_round)}
+    return {
+        "num-examples": len(labels),
+        "accuracy": float(np.mean(predictions == labels)) if len(labels) else 0.0,
+        **experience_counts(runtime, predictions, server_round),
+    }

@@ -70,9 +70,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -106,8 +107,9 @@ def trainable_parameters(model: Any) -> dict[str, Any]:
 
 def anchor_arrays(model: Any) -> dict[str, np.ndarray]:
     """A float32 copy of the trainable parameters: the anchor ``theta*`` to consolidate."""
-    return {name: p.detach().cpu().numpy().astype(np.float32, copy=True)
-            for name, p in trainable_parameters(model).items()}
+    return {
+        name: p.detach().cpu().numpy().astype(np.float32, copy=True) for name, p in trainable_parameters(model).items()
+    }
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def estimate_importance(
     model: Any,
     batches: Iterable[Batch],
     mechanism: SgdMechanism,
-    noise: "NoiseSource",
+    noise: NoiseSource,
 ) -> ImportanceEstimate:
     """Run ``mechanism`` as the private diagonal empirical Fisher of the trainable parameters (choice (a) above).
 
@@ -194,7 +196,9 @@ class EwcState:
     def __post_init__(self) -> None:
         check_ewc_settings(self.mode, self.decay)
 
-    def consolidate(self, experience: int, importance: Mapping[str, np.ndarray], anchor: Mapping[str, np.ndarray]) -> bool:
+    def consolidate(
+        self, experience: int, importance: Mapping[str, np.ndarray], anchor: Mapping[str, np.ndarray]
+    ) -> bool:
         """Add experience ``experience``'s importances and anchor; returns False if it was already added.
 
         ``separate``: a new term. ``online``: ``F = decay * F_old + F_new`` and
@@ -234,8 +238,11 @@ class EwcState:
             return {}
         terms = self._terms_on(params)
         with torch.no_grad():
-            return {name: ewc_lambda * sum(f * (p - a) for f, a in terms[name]) for name, p in params.items()
-                    if name in terms}
+            return {
+                name: ewc_lambda * sum(f * (p - a) for f, a in terms[name])
+                for name, p in params.items()
+                if name in terms
+            }
 
     def penalty(self, model: Any, ewc_lambda: float) -> float:
         """The penalty ``lambda/2 * sum_terms sum F (theta - theta*)**2`` (for logging)."""
@@ -255,14 +262,20 @@ class EwcState:
         for number, (importance, anchor) in enumerate(zip(self.importances, self.anchors)):
             arrays.update({f"term.{number}.importance.{k}": v for k, v in importance.items()})
             arrays.update({f"term.{number}.anchor.{k}": v for k, v in anchor.items()})
-        meta = {"format": _FORMAT, "version": _VERSION, "mode": self.mode, "decay": self.decay,
-                "experiences": self.experiences, "terms": len(self.importances)}
+        meta = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "mode": self.mode,
+            "decay": self.decay,
+            "experiences": self.experiences,
+            "terms": len(self.importances),
+        }
         path = Path(state_dir) / EWC_FILE
         save_arrays(path, arrays, {"fedcl": json.dumps(meta)})
         return path
 
     @classmethod
-    def load(cls, state_dir: str | os.PathLike[str], mode: str, decay: float) -> "EwcState":
+    def load(cls, state_dir: str | os.PathLike[str], mode: str, decay: float) -> EwcState:
         """The state saved in ``state_dir``, or an empty one; ``ValueError`` if saved with another mode/decay."""
         path = Path(state_dir) / EWC_FILE
         if not path.exists():
@@ -280,7 +293,7 @@ class EwcState:
         for number in range(int(meta["terms"])):
             for kind, target in (("importance", state.importances), ("anchor", state.anchors)):
                 prefix = f"term.{number}.{kind}."
-                target.append({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+                target.append({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
         return state
 
     def _terms_on(self, params: Mapping[str, Any]) -> dict[str, list]:
@@ -301,10 +314,15 @@ class EwcState:
                 for name, value in importance.items():
                     p = params[name]
                     if tuple(value.shape) != tuple(p.shape):
-                        raise ValueError(f"EWC importance for {name} has shape {value.shape}, the model {tuple(p.shape)}")
+                        raise ValueError(
+                            f"EWC importance for {name} has shape {value.shape}, the model {tuple(p.shape)}"
+                        )
                     terms.setdefault(name, []).append(
-                        (torch.as_tensor(value, dtype=p.dtype, device=p.device),
-                         torch.as_tensor(anchor[name], dtype=p.dtype, device=p.device)))
+                        (
+                            torch.as_tensor(value, dtype=p.dtype, device=p.device),
+                            torch.as_tensor(anchor[name], dtype=p.dtype, device=p.device),
+                        )
+                    )
             self._cache[key] = terms
         return self._cache[key]
 
@@ -347,8 +365,9 @@ def _dropout_off(model: Any) -> None:
             module.training = True
 
 
-def _add_clipped_squares(model: Any, params: Mapping[str, Any], totals: dict[str, Any], inputs: Any, labels: Any,
-                         clip_norm: float) -> None:
+def _add_clipped_squares(
+    model: Any, params: Mapping[str, Any], totals: dict[str, Any], inputs: Any, labels: Any, clip_norm: float
+) -> None:
     """One batch: per-sample gradients, clipped jointly to ``clip_norm``, squared, summed into ``totals``."""
     import warnings
 
@@ -361,8 +380,12 @@ def _add_clipped_squares(model: Any, params: Mapping[str, Any], totals: dict[str
     with warnings.catch_warnings():  # LoRA layers fed by frozen layers: expected, and harmless here
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         loss.backward()
-    samples = {name: torch.zeros((len(labels), *p.shape), dtype=torch.float64) if p.grad_sample is None
-               else p.grad_sample.detach().to(torch.float64) for name, p in params.items()}
+    samples = {
+        name: torch.zeros((len(labels), *p.shape), dtype=torch.float64)
+        if p.grad_sample is None
+        else p.grad_sample.detach().to(torch.float64)
+        for name, p in params.items()
+    }
     norms = torch.sqrt(sum(g.reshape(len(labels), -1).pow(2).sum(dim=1) for g in samples.values()))
     factor = (clip_norm / (norms + _CLIP_EPSILON)).clamp(max=1.0)
     for name, g in samples.items():

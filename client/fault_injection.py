@@ -10,7 +10,7 @@ and the default, ``attack = "none"``, leaves the reply untouched.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Mapping
+from typing import Any
 
-import numpy as np
 import torch
 from peft.utils import ModulesToSaveWrapper
 

@@ -47,7 +47,9 @@ def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, :longest] for k, v in inputs.items()} if longest else inputs
 
 
-def train_plain(model: Any, data: Encoded, steps: int, batch_size: int, learning_rate: float, seed: int) -> TrainOutcome:
+def train_plain(
+    model: Any, data: Encoded, steps: int, batch_size: int, learning_rate: float, seed: int
+) -> TrainOutcome:
     """Non-private local training: ``steps`` AdamW steps on batches drawn without replacement."""
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)

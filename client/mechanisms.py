@@ -52,7 +52,9 @@ class SgdMechanism:
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm {self.max_grad_norm!r}: use a positive clipping bound, e.g. 1.0")
         if not (math.isfinite(self.expected_batch_size) and self.expected_batch_size > 0):
-            raise ValueError(f"expected_batch_size {self.expected_batch_size!r}: use sample rate x nominal records, > 0")
+            raise ValueError(
+                f"expected_batch_size {self.expected_batch_size!r}: use sample rate x nominal records, > 0"
+            )
 
     @property
     def private(self) -> bool:
@@ -65,8 +67,9 @@ class SgdMechanism:
         return (float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
 
 
-def sgd_mechanism(noise_multiplier: float, expected_batch: int, nominal_records: float, steps: int,
-                  max_grad_norm: float) -> SgdMechanism:
+def sgd_mechanism(
+    noise_multiplier: float, expected_batch: int, nominal_records: float, steps: int, max_grad_norm: float
+) -> SgdMechanism:
     """The mechanism of ``steps`` Poisson batches of expected size ``expected_batch`` over ``nominal_records``.
 
     The sample rate is ``min(1, expected_batch / nominal_records)`` and the

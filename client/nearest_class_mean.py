@@ -29,8 +29,9 @@ the exact sigma for (epsilon, delta); to make the ledger's Opacus accountant
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -71,10 +72,12 @@ def mean_pooled_features(model: Any, inputs: Mapping[str, Any], batch_size: int 
         model.eval()
         with disabled, torch.no_grad():
             for start in range(0, total, batch_size):
-                chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
+                chunk = {k: v[start : start + batch_size] for k, v in inputs.items()}
                 output = model(**chunk, output_hidden_states=True)
-                hidden = output.hidden_states[-1] if getattr(output, "hidden_states", None) else output.last_hidden_state
-                mask = mask_all[start:start + batch_size] if mask_all is not None else None
+                hidden = (
+                    output.hidden_states[-1] if getattr(output, "hidden_states", None) else output.last_hidden_state
+                )
+                mask = mask_all[start : start + batch_size] if mask_all is not None else None
                 chunks.append(mean_pool(hidden, mask).cpu().numpy())
     finally:
         model.train(was_training)
@@ -97,7 +100,7 @@ def class_feature_sums(features: np.ndarray, labels: np.ndarray, num_classes: in
 
 
 def release_class_sums(
-    sums: np.ndarray, classes: Sequence[int], noise_multiplier: float, noise: "NoiseSource"
+    sums: np.ndarray, classes: Sequence[int], noise_multiplier: float, noise: NoiseSource
 ) -> ClassSumRelease:
     """Add Gaussian noise of std ``noise_multiplier`` (sensitivity 1) to the rows ``classes``; zero the rest.
 

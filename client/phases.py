@@ -13,7 +13,8 @@ budget priced (``client/site_round.py``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +48,12 @@ def cached_head_inputs(runtime: SiteRuntime, split: str) -> torch.Tensor:
     cached = _HEAD_INPUTS.get(key)
     if cached is None or cached[0] is not runtime.data or cached[1] is not runtime.adapter or cached[2] != fingerprint:
         data = runtime.data.train if split == "train" else runtime.data.test
-        cached = (runtime.data, runtime.adapter, fingerprint,
-                  head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size))
+        cached = (
+            runtime.data,
+            runtime.adapter,
+            fingerprint,
+            head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size),
+        )
         _HEAD_INPUTS[key] = cached
     return cached[3]
 
@@ -60,10 +65,14 @@ def frozen_features(runtime: SiteRuntime, split: str) -> np.ndarray:
     if cached is None or cached[0] is not runtime.data or cached[1] is not runtime.adapter:
         data = runtime.data.train if split == "train" else runtime.data.test
         size = runtime.config.eval_batch_size
-        chunks = [mean_pooled_features(runtime.adapter.model,
-                                       trim_padding(data.rows(torch.arange(start, min(start + size, len(data))))),
-                                       batch_size=size)
-                  for start in range(0, len(data), size)]
+        chunks = [
+            mean_pooled_features(
+                runtime.adapter.model,
+                trim_padding(data.rows(torch.arange(start, min(start + size, len(data))))),
+                batch_size=size,
+            )
+            for start in range(0, len(data), size)
+        ]
         features = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
         cached = (runtime.data, runtime.adapter, features)
         _FROZEN_FEATURES[key] = cached
@@ -76,8 +85,14 @@ def forget_cached_features() -> None:
     _FROZEN_FEATURES.clear()
 
 
-def run_probe(runtime: SiteRuntime, pool: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource,
-              extra_gradient: Callable | None = None, rows: np.ndarray | None = None) -> PrivateOutcome:
+def run_probe(
+    runtime: SiteRuntime,
+    pool: np.ndarray,
+    mechanism: SgdMechanism,
+    noise: NoiseSource,
+    extra_gradient: Callable | None = None,
+    rows: np.ndarray | None = None,
+) -> PrivateOutcome:
     """DP-SGD of the head on the pool's head inputs; with ``rows``, only those rows of a Linear head train.
 
     Training only the seen classes' rows (as Avalanche's ``IncrementalClassifier``
@@ -90,8 +105,17 @@ def run_probe(runtime: SiteRuntime, pool: np.ndarray, mechanism: SgdMechanism, n
     part = head if rows is None else _rows_of(head, rows)
     if rows is not None:
         labels = torch.as_tensor(np.searchsorted(rows, labels.numpy()), dtype=torch.long)
-    outcome = train_private_features(part, features, labels, mechanism, runtime.config.probe_learning_rate, noise,
-                                     optimizer="sgd", momentum=MOMENTUM, extra_gradient=extra_gradient)
+    outcome = train_private_features(
+        part,
+        features,
+        labels,
+        mechanism,
+        runtime.config.probe_learning_rate,
+        noise,
+        optimizer="sgd",
+        momentum=MOMENTUM,
+        extra_gradient=extra_gradient,
+    )
     if rows is not None:
         with torch.no_grad():
             head.weight[torch.as_tensor(rows)] = part.weight
@@ -99,15 +123,29 @@ def run_probe(runtime: SiteRuntime, pool: np.ndarray, mechanism: SgdMechanism, n
     return outcome
 
 
-def run_lora(runtime: SiteRuntime, pool: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource,
-             extra_gradient: Callable | None = None) -> PrivateOutcome:
+def run_lora(
+    runtime: SiteRuntime,
+    pool: np.ndarray,
+    mechanism: SgdMechanism,
+    noise: NoiseSource,
+    extra_gradient: Callable | None = None,
+) -> PrivateOutcome:
     """DP-SGD of LoRA and the head on the pool's tokenised rows."""
-    return train_private(runtime.adapter.model, pool_rows(runtime, pool), mechanism, runtime.config.learning_rate,
-                         noise, optimizer="sgd", momentum=MOMENTUM, extra_gradient=extra_gradient)
+    return train_private(
+        runtime.adapter.model,
+        pool_rows(runtime, pool),
+        mechanism,
+        runtime.config.learning_rate,
+        noise,
+        optimizer="sgd",
+        momentum=MOMENTUM,
+        extra_gradient=extra_gradient,
+    )
 
 
-def run_importance(runtime: SiteRuntime, positions: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource,
-                   lora: bool) -> ImportanceEstimate:
+def run_importance(
+    runtime: SiteRuntime, positions: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource, lora: bool
+) -> ImportanceEstimate:
     """EWC importances of the trainable parameters on ``positions``, keyed by the full model's parameter names.
 
     ``lora``: of LoRA + head on the tokenised rows; otherwise of the head on
@@ -120,18 +158,24 @@ def run_importance(runtime: SiteRuntime, positions: np.ndarray, mechanism: SgdMe
         return estimate_importance(model, batches, mechanism, noise)
     prefix = head_prefix(model)
     estimate = estimate_importance(head_module(model), batches, mechanism, noise)
-    return ImportanceEstimate({prefix + k: v for k, v in estimate.importance.items()}, estimate.ledger_steps,
-                              estimate.noise_std)
+    return ImportanceEstimate(
+        {prefix + k: v for k, v in estimate.importance.items()}, estimate.ledger_steps, estimate.noise_std
+    )
 
 
-def run_class_sums(runtime: SiteRuntime, positions: np.ndarray, classes: np.ndarray, mechanism: SgdMechanism,
-                   noise: NoiseSource) -> np.ndarray:
+def run_class_sums(
+    runtime: SiteRuntime, positions: np.ndarray, classes: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource
+) -> np.ndarray:
     """One Gaussian release of the class sums of ``positions`` (sensitivity 1) on the rows ``classes``."""
     features = frozen_features(runtime, "train")[positions]
     labels = runtime.data.train.labels.numpy()[positions]
-    sums = class_feature_sums(features.reshape(len(positions), -1) if len(positions) else
-                              np.zeros((0, frozen_features(runtime, "train").shape[1])), labels,
-                              len(runtime.data.label_names))
+    sums = class_feature_sums(
+        features.reshape(len(positions), -1)
+        if len(positions)
+        else np.zeros((0, frozen_features(runtime, "train").shape[1])),
+        labels,
+        len(runtime.data.label_names),
+    )
     return release_class_sums(sums, classes, mechanism.noise_multiplier, noise).sums
 
 

@@ -50,7 +50,9 @@ from fedcl.run_config import ConfigError
 
 ACCOUNTANTS = ("prv", "rdp")  # prv: tightest bound Opacus offers (its default); rdp: the classic one
 LEDGER_FORMAT = "fedcl-privacy-ledger"
-LEDGER_VERSION = 2  # 2: the RDP filter (its order); version 1 files are read, their order is fixed at the next calibration
+LEDGER_VERSION = (
+    2  # 2: the RDP filter (its order); version 1 files are read, their order is fixed at the next calibration
+)
 FILTER_MECHANISM = "rdp-filter"
 MAX_WORKABLE_NOISE = 20.0  # above this the noise std is 20x the clip per step: the update is noise
 NOISE_SEARCH_CEILING = 1e6  # Opacus' own MAX_SIGMA; past it no noise level meets the budget
@@ -207,8 +209,34 @@ def require_budget_for_one_round(
 
 # Orders of the filter: a coarse version of Opacus' default grid (RDPAccountant.DEFAULT_ALPHAS, 151 orders). Each
 # RDP evaluation runs Opacus' per-order series; 26 orders cost ~1/6 of the time and lose < 1% of epsilon here.
-FILTER_ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 14.0,
-                                    16.0, 20.0, 24.0, 28.0, 32.0, 40.0, 48.0, 56.0, 64.0, 128.0)
+FILTER_ORDERS: tuple[float, ...] = (
+    1.25,
+    1.5,
+    1.75,
+    2.0,
+    2.5,
+    3.0,
+    3.5,
+    4.0,
+    4.5,
+    5.0,
+    6.0,
+    7.0,
+    8.0,
+    10.0,
+    12.0,
+    14.0,
+    16.0,
+    20.0,
+    24.0,
+    28.0,
+    32.0,
+    40.0,
+    48.0,
+    56.0,
+    64.0,
+    128.0,
+)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -218,8 +246,10 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, .
         return tuple(math.inf for _ in FILTER_ORDERS)
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    return tuple(float(v) for v in compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                                orders=list(FILTER_ORDERS)))
+    return tuple(
+        float(v)
+        for v in compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(FILTER_ORDERS))
+    )
 
 
 def rdp_of(history: list[Step]) -> list[float]:
@@ -310,8 +340,11 @@ class PrivacyLedger:
     def state_dict(self) -> dict[str, Any]:
         """The ledger as plain data (the accountant's history, the filter order and the budget)."""
         return {
-            "accountant": {"mechanism": FILTER_MECHANISM, "history": [list(entry) for entry in self.history],
-                           "filter_order": self.filter_order},
+            "accountant": {
+                "mechanism": FILTER_MECHANISM,
+                "history": [list(entry) for entry in self.history],
+                "filter_order": self.filter_order,
+            },
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
         }
@@ -323,8 +356,9 @@ class PrivacyLedger:
         write_atomic(path, json.dumps(document, indent=1).encode("utf-8"))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, target_epsilon: float | None = None,
-             delta: float | None = None) -> PrivacyLedger:
+    def load(
+        cls, path: str | os.PathLike[str], *, target_epsilon: float | None = None, delta: float | None = None
+    ) -> PrivacyLedger:
         """Read a ledger; raise :class:`LedgerError` if it is missing, corrupt, truncated or mismatched.
 
         Given ``target_epsilon`` or ``delta`` (the site's policy), the file

@@ -51,9 +51,9 @@ import math
 import os
 import secrets
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -120,14 +120,18 @@ class ReplayBuffer:
     def save(self, state_dir: str | os.PathLike[str]) -> Path:
         """Write the buffer to ``state_dir/replay_buffer.safetensors`` atomically; returns the path."""
         arrays = {"positions": self.positions(), "experiences": np.array(self.experiences, dtype=np.int64)}
-        meta = {"format": _FORMAT, "version": _VERSION, "inclusion_probability": self.inclusion_probability,
-                "key_check": _key_check(self.key)}
+        meta = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "inclusion_probability": self.inclusion_probability,
+            "key_check": _key_check(self.key),
+        }
         path = Path(state_dir) / BUFFER_FILE
         save_arrays(path, arrays, {"fedcl": json.dumps(meta)})
         return path
 
     @classmethod
-    def load(cls, state_dir: str | os.PathLike[str], inclusion_probability: float) -> "ReplayBuffer":
+    def load(cls, state_dir: str | os.PathLike[str], inclusion_probability: float) -> ReplayBuffer:
         """The buffer saved in ``state_dir``, or an empty one if there is none; the site's key is created on first use.
 
         Raises ``ValueError`` when the saved buffer is not a version-2 fedcl
@@ -146,8 +150,10 @@ class ReplayBuffer:
         except json.JSONDecodeError:
             meta = {}
         if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-            raise ValueError(f"{path} is not a fedcl replay buffer of version {_VERSION} (Bernoulli membership); "
-                             "delete it to start the buffer afresh")
+            raise ValueError(
+                f"{path} is not a fedcl replay buffer of version {_VERSION} (Bernoulli membership); "
+                "delete it to start the buffer afresh"
+            )
         if meta["inclusion_probability"] != inclusion_probability:
             raise ValueError(
                 f"{path} holds a buffer built with inclusion probability {meta['inclusion_probability']!r}; this run "
@@ -159,8 +165,12 @@ class ReplayBuffer:
                 f"{path} was built under another replay key than {Path(state_dir) / KEY_FILE}: restore that key "
                 f"file, or delete {BUFFER_FILE} to start the buffer afresh"
             )
-        return cls(float(inclusion_probability), key, {int(p) for p in arrays["positions"]},
-                   [int(e) for e in arrays["experiences"]])
+        return cls(
+            float(inclusion_probability),
+            key,
+            {int(p) for p in arrays["positions"]},
+            [int(e) for e in arrays["experiences"]],
+        )
 
 
 def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:
@@ -176,8 +186,10 @@ def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)  # mkstemp already made it 0600; say so explicitly
     key = path.read_bytes()
     if len(key) != KEY_BYTES:
-        raise ValueError(f"{path} holds {len(key)} bytes, not a {KEY_BYTES}-byte replay key: restore the site's key "
-                         f"file, or delete it together with {BUFFER_FILE} to start replay afresh")
+        raise ValueError(
+            f"{path} holds {len(key)} bytes, not a {KEY_BYTES}-byte replay key: restore the site's key "
+            f"file, or delete it together with {BUFFER_FILE} to start replay afresh"
+        )
     return key
 
 
@@ -203,10 +215,16 @@ def record_ids(input_ids: torch.Tensor | np.ndarray, labels: torch.Tensor | np.n
 
 def check_inclusion_probability(probability: float) -> None:
     """Raise ``ValueError`` unless ``probability`` is a real number in (0, 1]."""
-    if isinstance(probability, bool) or not isinstance(probability, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(probability) or not 0 < probability <= 1:
-        raise ValueError(f"replay inclusion probability {probability!r}: use a number in (0, 1] computed from public "
-                         "values (e.g. min(1, replay-size / public record count))")
+    if (
+        isinstance(probability, bool)
+        or not isinstance(probability, (int, float, np.floating, np.integer))
+        or not math.isfinite(probability)
+        or not 0 < probability <= 1
+    ):
+        raise ValueError(
+            f"replay inclusion probability {probability!r}: use a number in (0, 1] computed from public "
+            "values (e.g. min(1, replay-size / public record count))"
+        )
 
 
 def check_replay_settings(size: int, policy: str, data_size: int, site: str = "this site") -> None:
@@ -266,8 +284,10 @@ def _check_offer(positions: np.ndarray, ids: Sequence[bytes], experience: int) -
     if len(positions) and not np.issubdtype(positions.dtype, np.integer):
         raise ValueError(f"positions have dtype {positions.dtype}; pass integer rows of the site's train split")
     if len(positions) != len(ids):
-        raise ValueError(f"{len(positions)} positions but {len(ids)} record ids; give one id per position "
-                         "(record_ids(input_ids[positions], labels[positions]))")
+        raise ValueError(
+            f"{len(positions)} positions but {len(ids)} record ids; give one id per position "
+            "(record_ids(input_ids[positions], labels[positions]))"
+        )
     if len(positions) and positions.min() < 0:
         raise ValueError(f"position {positions.min()} is negative; pass rows of the site's train split")
     if len(np.unique(positions)) != len(positions):

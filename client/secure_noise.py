@@ -60,12 +60,12 @@ class NoiseSource:
         self._generator = generator
 
     @classmethod
-    def secure(cls) -> "NoiseSource":
+    def secure(cls) -> NoiseSource:
         """Every draw from the operating system's CSPRNG (``os.urandom``): the source a deployment uses."""
         return cls(None)
 
     @classmethod
-    def seeded(cls, seed: int) -> "NoiseSource":
+    def seeded(cls, seed: int) -> NoiseSource:
         """A deterministic source from a ``torch.Generator`` seeded with ``seed``: for tests and benchmarks only.
 
         Never in a deployment: anyone who knows (or guesses) the seed can

@@ -27,8 +27,8 @@ import contextlib
 import fcntl
 import json
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 from client.mechanisms import SgdMechanism, Step
 from client.privacy_ledger import FILTER_ORDERS, BudgetError, LedgerError, PrivacyLedger, best_order
@@ -108,8 +108,12 @@ class SiteBudget:
         """The ledger's figures for the reply (all functions of the public mechanisms recorded)."""
         if self.ledger is None:
             return {}
-        return {"epsilon": self.ledger.epsilon(), "dp-steps-total": self.ledger.total_steps,
-                "target-epsilon": self.ledger.target_epsilon, "delta": self.ledger.delta}
+        return {
+            "epsilon": self.ledger.epsilon(),
+            "dp-steps-total": self.ledger.total_steps,
+            "target-epsilon": self.ledger.target_epsilon,
+            "delta": self.ledger.delta,
+        }
 
     def _ledger(self) -> PrivacyLedger:
         if self.ledger is None:
@@ -128,6 +132,7 @@ class SiteBudget:
 
 def _smallest_fitting(ledger: PrivacyLedger, entries: Callable[[float], list[Step]]) -> float:
     """Bisection (in log sigma) for the smallest sigma whose entries the filter lets through."""
+
     def fits(sigma: float) -> bool:
         order = ledger.filter_order
         if order is None:  # not committed yet: the best order for this plan
@@ -142,7 +147,8 @@ def _smallest_fitting(ledger: PrivacyLedger, entries: Callable[[float], list[Ste
             raise BudgetError(
                 f"target-epsilon = {ledger.target_epsilon}: the site has spent {ledger.epsilon():.3g} and no noise "
                 "multiplier fits what it still plans; raise target-epsilon in the site's policy (a new site) or plan "
-                "fewer rounds or steps")
+                "fewer rounds or steps"
+            )
     low = high / 2
     while fits(low) and low > 1e-3:
         high, low = low, low / 2
@@ -176,7 +182,8 @@ def _exclusive_lock(state: SiteState) -> Iterator[None]:
         except BlockingIOError as err:
             raise SiteBusyError(
                 f"{state.folder} is in use by another training of this site; one training at a time per state "
-                "directory: wait for it to finish, or give each site its own state-dir") from err
+                "directory: wait for it to finish, or give each site its own state-dir"
+            ) from err
         yield
     finally:
         handle.close()  # closing releases the flock
@@ -190,7 +197,9 @@ def _open_ledger(state: SiteState, policy: SitePolicy) -> PrivacyLedger:
         others = state.training_files()
         if sentinel_steps is not None or others:
             found = state.sentinel.name if sentinel_steps is not None else others[0].name
-            raise LedgerError(f"privacy ledger {state.ledger} is missing but {found} shows the site has trained; {restore}")
+            raise LedgerError(
+                f"privacy ledger {state.ledger} is missing but {found} shows the site has trained; {restore}"
+            )
         ledger = PrivacyLedger(target_epsilon=policy.target_epsilon, delta=policy.delta)
         ledger.save(state.ledger)
         return ledger
@@ -198,7 +207,8 @@ def _open_ledger(state: SiteState, policy: SitePolicy) -> PrivacyLedger:
     if sentinel_steps is not None and ledger.total_steps < sentinel_steps:
         raise LedgerError(
             f"privacy ledger {state.ledger} holds {ledger.total_steps} steps but the sentinel recorded "
-            f"{sentinel_steps}: the ledger was rolled back; {restore}")
+            f"{sentinel_steps}: the ledger was rolled back; {restore}"
+        )
     return ledger
 
 

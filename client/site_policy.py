@@ -31,9 +31,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from fedcl.run_config import ConfigError, RunConfig
 
@@ -55,16 +56,21 @@ class SitePolicy:
     nominal_records: int  # 0: the training split's size, declared public
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.target_epsilon, (int, float)) and math.isfinite(self.target_epsilon)
-                and self.target_epsilon > 0):
+        if not (
+            isinstance(self.target_epsilon, (int, float))
+            and math.isfinite(self.target_epsilon)
+            and self.target_epsilon > 0
+        ):
             raise ConfigError(f"node config 'target-epsilon' = {self.target_epsilon!r}: use a positive epsilon, e.g. 8")
         if not 0.0 < self.delta < 1.0:
             raise ConfigError(f"node config 'delta' = {self.delta!r}: use 0 < delta < 1, well below 1/records")
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"node config 'accountant' = {self.accountant!r}: use rdp (the site's RDP filter)")
         if self.nominal_records < 0:
-            raise ConfigError(f"node config 'nominal-records' = {self.nominal_records!r}: use the site's public "
-                              "record count (or 0: the training split's size, declared public)")
+            raise ConfigError(
+                f"node config 'nominal-records' = {self.nominal_records!r}: use the site's public "
+                "record count (or 0: the training split's size, declared public)"
+            )
 
     def nominal(self, actual_records: int) -> int:
         """The public record count every sample rate uses: ``nominal-records``, else the split's size."""
@@ -108,7 +114,8 @@ def site_policy(node_config: Mapping[str, Any], environ: Mapping[str, str] | Non
     else:
         raise ConfigError(
             "node config 'state-dir' is missing: a site keeps its privacy ledger there across runs and restarts; "
-            "start the SuperNode with --node-config \"state-dir='/path/kept/and/backed/up' ...\"")
+            "start the SuperNode with --node-config \"state-dir='/path/kept/and/backed/up' ...\""
+        )
     try:
         return SitePolicy(
             dp=_coerce_bool("dp", values["dp"]),
@@ -126,12 +133,21 @@ def site_policy(node_config: Mapping[str, Any], environ: Mapping[str, str] | Non
 
 def check_proposal(policy: SitePolicy, config: RunConfig) -> None:
     """Refuse a run whose proposed privacy settings disagree with the site's policy (one line naming both)."""
-    proposed = {"dp": config.dp, "target-epsilon": config.target_epsilon, "delta": config.delta,
-                "accountant": config.accountant}
-    own = {"dp": policy.dp, "target-epsilon": policy.target_epsilon, "delta": policy.delta,
-           "accountant": policy.accountant}
+    proposed = {
+        "dp": config.dp,
+        "target-epsilon": config.target_epsilon,
+        "delta": config.delta,
+        "accountant": config.accountant,
+    }
+    own = {
+        "dp": policy.dp,
+        "target-epsilon": policy.target_epsilon,
+        "delta": policy.delta,
+        "accountant": policy.accountant,
+    }
     for key, value in proposed.items():
         if value != own[key]:
             raise ConfigError(
                 f"the run proposes {key} = {value!r} but this site's policy (node config) says {own[key]!r}; "
-                f"the site decides: run with {key}={own[key]!r}, or change the site's node config")
+                f"the site decides: run with {key}={own[key]!r}, or change the site's node config"
+            )

@@ -28,9 +28,10 @@ A plain run is a stream with one experience: the same pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import INFO
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.common.logger import log
@@ -107,8 +108,9 @@ class SitePlan:
         config = self.runtime.config
         if phase == NCM:  # one Gaussian release, sensitivity 1
             return SgdMechanism(sigma, 1.0, 1, 1.0, 1.0)
-        batch, steps = ((config.probe_batch_size, config.probe_steps) if phase == PROBE
-                        else (config.batch_size, config.local_steps))
+        batch, steps = (
+            (config.probe_batch_size, config.probe_steps) if phase == PROBE else (config.batch_size, config.local_steps)
+        )
         return sgd_mechanism(sigma, batch, self.pool_size(experience), steps, clip)
 
     def importance_mechanism(self, sigma: float, clip: float) -> SgdMechanism:
@@ -116,8 +118,13 @@ class SitePlan:
         config = self.runtime.config
         batch = config.batch_size if self.context.schedule.lora_rounds else config.probe_batch_size
         fixed = config.ewc_importance_noise
-        return sgd_mechanism(fixed if fixed > 0 and sigma > 0 else sigma, batch, self.experience_size(),
-                             config.ewc_importance_batches, clip)
+        return sgd_mechanism(
+            fixed if fixed > 0 and sigma > 0 else sigma,
+            batch,
+            self.experience_size(),
+            config.ewc_importance_batches,
+            clip,
+        )
 
     def remaining(self, experience: int, within: int, importance_now: bool) -> tuple[list[Segment], list[Step]]:
         """What the site still plans from this round on: segments at the sigma being chosen, fixed-noise steps."""
@@ -139,8 +146,9 @@ class SitePlan:
                 return
             probe = self.phase_mechanism(PROBE, e, 1.0, 1.0)
             lora = self.phase_mechanism(LORA, e, 1.0, 1.0)
-            segments.extend([(probe.sample_rate, probe_rounds * probe.steps),
-                             (lora.sample_rate, lora_rounds * lora.steps)])
+            segments.extend(
+                [(probe.sample_rate, probe_rounds * probe.steps), (lora.sample_rate, lora_rounds * lora.steps)]
+            )
 
         if importance_now:
             importance()
@@ -151,8 +159,13 @@ class SitePlan:
         return _merged(segments), fixed
 
 
-def site_round(runtime: SiteRuntime, policy: SitePolicy, state: SiteState, round_config: Mapping[str, Any],
-               noise: NoiseSource | None = None) -> RoundResult:
+def site_round(
+    runtime: SiteRuntime,
+    policy: SitePolicy,
+    state: SiteState,
+    round_config: Mapping[str, Any],
+    noise: NoiseSource | None = None,
+) -> RoundResult:
     """Run this site's part of one training round (see the module docstring).
 
     ``noise``: the randomness of every mechanism; default the OS CSPRNG under
@@ -167,25 +180,46 @@ def site_round(runtime: SiteRuntime, policy: SitePolicy, state: SiteState, round
     where = context.schedule.position(server_round)
     sent = str(round_config.get(PHASE, "") or "")
     if sent and sent != where.phase:
-        return RoundResult("refused", f"the server says phase {sent!r} for round {server_round}, the run config "
-                           f"gives {where.phase!r}: the site follows the run config and declines this message")
+        return RoundResult(
+            "refused",
+            f"the server says phase {sent!r} for round {server_round}, the run config "
+            f"gives {where.phase!r}: the site follows the run config and declines this message",
+        )
     experience = context.schedule.site_experience(where.slot, runtime.data.index)
     if experience < 0:
-        return RoundResult("skipped", f"not started: this site joins the stream late and starts experience 0 in slot "
-                           f"{where.slot - experience}", {"experience": experience})
+        return RoundResult(
+            "skipped",
+            f"not started: this site joins the stream late and starts experience 0 in slot {where.slot - experience}",
+            {"experience": experience},
+        )
     if experience >= context.schedule.training_experiences:
-        return RoundResult("skipped", f"stream finished: this site trained its {context.schedule.training_experiences}"
-                           " experience(s)", {"experience": experience})
+        return RoundResult(
+            "skipped",
+            f"stream finished: this site trained its {context.schedule.training_experiences} experience(s)",
+            {"experience": experience},
+        )
     if noise is None:
-        noise = NoiseSource.secure() if policy.dp else NoiseSource.seeded(
-            config.seed * 100_003 + server_round * 101 + runtime.data.index)
+        noise = (
+            NoiseSource.secure()
+            if policy.dp
+            else NoiseSource.seeded(config.seed * 100_003 + server_round * 101 + runtime.data.index)
+        )
     plan = SitePlan(runtime, context, policy)
     with open_budget(state, policy) as budget:
         return _run(runtime, plan, budget, state, where.phase, experience, where.round_in_slot, server_round, noise)
 
 
-def _run(runtime: SiteRuntime, plan: SitePlan, budget: SiteBudget, state: SiteState, phase: str, experience: int,
-         within: int, server_round: int, noise: NoiseSource) -> RoundResult:
+def _run(
+    runtime: SiteRuntime,
+    plan: SitePlan,
+    budget: SiteBudget,
+    state: SiteState,
+    phase: str,
+    experience: int,
+    within: int,
+    server_round: int,
+    noise: NoiseSource,
+) -> RoundResult:
     config, context, policy = runtime.config, plan.context, plan.policy
     ewc = EwcState.load(state.folder, config.ewc_mode, config.ewc_decay) if config.ewc_lambda > 0 else None
     pending = pending_importance(ewc, experience)
@@ -196,7 +230,9 @@ def _run(runtime: SiteRuntime, plan: SitePlan, budget: SiteBudget, state: SiteSt
         try:
             sigma = budget.noise_multiplier(segments, fixed, proposed=config.noise_multiplier)
         except BudgetError as err:  # nothing left for the remaining plan: the hard stop, not a crash
-            return RoundResult("skipped", f"privacy budget: {err}", {**facts, **budget.facts(), "stopped-for-budget": 1})
+            return RoundResult(
+                "skipped", f"privacy budget: {err}", {**facts, **budget.facts(), "stopped-for-budget": 1}
+            )
     else:
         sigma = 0.0
     main = plan.phase_mechanism(phase, experience, sigma, clip)
@@ -204,11 +240,15 @@ def _run(runtime: SiteRuntime, plan: SitePlan, budget: SiteBudget, state: SiteSt
     mechanisms = [m for m in (importance, main) if m is not None]
     if not budget.can_afford(mechanisms):
         spent = budget.facts().get("epsilon", 0.0)
-        return RoundResult("skipped", (
-            f"privacy budget: epsilon spent {spent:.3f} of {policy.target_epsilon}; this round ({main.steps} steps at "
-            f"sample rate {main.sample_rate:.3g}, noise {sigma:.3g}{', plus the EWC importance batches' if importance else ''})"
-            f" would reach {budget.epsilon_if(mechanisms):.3f}"),
-            {**facts, **budget.facts(), "stopped-for-budget": 1})
+        return RoundResult(
+            "skipped",
+            (
+                f"privacy budget: epsilon spent {spent:.3f} of {policy.target_epsilon}; this round ({main.steps} steps at "
+                f"sample rate {main.sample_rate:.3g}, noise {sigma:.3g}{', plus the EWC importance batches' if importance else ''})"
+                f" would reach {budget.epsilon_if(mechanisms):.3f}"
+            ),
+            {**facts, **budget.facts(), "stopped-for-budget": 1},
+        )
     if importance is not None and ewc is not None and pending is not None:
         _consolidate(runtime, context, state, budget, ewc, pending, importance, noise)
         facts["ewc-importance-steps"] = importance.steps
@@ -217,10 +257,14 @@ def _run(runtime: SiteRuntime, plan: SitePlan, budget: SiteBudget, state: SiteSt
         classes = context.labels[experience] if not context.schedule.joint else np.arange(len(runtime.data.label_names))
         release = run_class_sums(runtime, current, classes, main, noise)
         budget.record(main)
-        return RoundResult("trained", "", {**facts, **_settings(main), **budget.facts(), "stopped-for-budget": 0},
-                           release=release)
-    buffer = absorb_finished(runtime, context, state.folder, experience, plan.replay_probability) \
-        if plan.replay_probability > 0 else None
+        return RoundResult(
+            "trained", "", {**facts, **_settings(main), **budget.facts(), "stopped-for-budget": 0}, release=release
+        )
+    buffer = (
+        absorb_finished(runtime, context, state.folder, experience, plan.replay_probability)
+        if plan.replay_probability > 0
+        else None
+    )
     pool = training_pool(current, buffer)
     if phase == PROBE:
         rows = incremental_rows(runtime, context, experience)
@@ -232,27 +276,54 @@ def _run(runtime: SiteRuntime, plan: SitePlan, budget: SiteBudget, state: SiteSt
     if policy.dp:
         log_local_metrics(state, server_round, {"train-loss": outcome.mean_loss, "pool-records": len(pool)})
         private_values = {}
-    return RoundResult("trained", "", {**facts, **_settings(main), **budget.facts(), "stopped-for-budget": 0,
-                                       "train-steps": outcome.steps, **private_values})
+    return RoundResult(
+        "trained",
+        "",
+        {
+            **facts,
+            **_settings(main),
+            **budget.facts(),
+            "stopped-for-budget": 0,
+            "train-steps": outcome.steps,
+            **private_values,
+        },
+    )
 
 
-def _consolidate(runtime: SiteRuntime, context: StreamContext, state: SiteState, budget: SiteBudget, ewc: EwcState,
-                 previous: int, mechanism: SgdMechanism, noise: NoiseSource) -> None:
+def _consolidate(
+    runtime: SiteRuntime,
+    context: StreamContext,
+    state: SiteState,
+    budget: SiteBudget,
+    ewc: EwcState,
+    previous: int,
+    mechanism: SgdMechanism,
+    noise: NoiseSource,
+) -> None:
     """Estimate experience ``previous``'s importances, record them in the ledger first, then consolidate and save."""
-    estimate = run_importance(runtime, context.train_positions(previous), mechanism, noise,
-                              lora=context.schedule.lora_rounds > 0)
+    estimate = run_importance(
+        runtime, context.train_positions(previous), mechanism, noise, lora=context.schedule.lora_rounds > 0
+    )
     budget.record(mechanism)
     anchor = anchor_arrays(runtime.adapter.model)  # the received global model: the end of experience `previous`
     importance = seen_rows_only(runtime, context, previous, estimate.importance)
     ewc.consolidate(previous, importance, {name: anchor[name] for name in importance})
     ewc.save(state.folder)
-    log(INFO, "%s: EWC importances of experience %d estimated (%d batches) and consolidated", runtime.data.name,
-        previous, mechanism.steps)
+    log(
+        INFO,
+        "%s: EWC importances of experience %d estimated (%d batches) and consolidated",
+        runtime.data.name,
+        previous,
+        mechanism.steps,
+    )
 
 
 def _settings(mechanism: SgdMechanism) -> dict[str, float]:
-    return {"noise-multiplier": mechanism.noise_multiplier, "sample-rate": mechanism.sample_rate,
-            "max-grad-norm": mechanism.max_grad_norm}
+    return {
+        "noise-multiplier": mechanism.noise_multiplier,
+        "sample-rate": mechanism.sample_rate,
+        "max-grad-norm": mechanism.max_grad_norm,
+    }
 
 
 def _merged(segments: list[Segment]) -> list[Segment]:

@@ -7,8 +7,9 @@ message starts a fresh process, so this is rebuilt each time).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from client.local_training import Encoded, encode
 from fedcl.model_factory import AdapterModel, load_adapter_model
@@ -44,7 +45,9 @@ _ENCODED: dict[tuple, SiteData] = {}
 def site_index(node_config: Mapping[str, Any], config: RunConfig) -> int:
     """This node's site number, from node config ``partition-id`` (checked against ``num-sites``)."""
     if "partition-id" not in node_config:
-        raise ConfigError("node config 'partition-id' is missing; start the SuperNode with --node-config \"partition-id=0 num-partitions=N\"")
+        raise ConfigError(
+            "node config 'partition-id' is missing; start the SuperNode with --node-config \"partition-id=0 num-partitions=N\""
+        )
     index = int(node_config["partition-id"])
     partitions = int(node_config.get("num-partitions", config.num_sites))
     if partitions != config.num_sites:
@@ -59,9 +62,19 @@ def site_index(node_config: Mapping[str, Any], config: RunConfig) -> int:
 
 def _data_key(config: RunConfig) -> tuple:
     """The settings that decide the dataset and its split into sites."""
-    return (config.dataset, config.text_column, config.label_column, config.group_column, config.partition,
-            config.dirichlet_alpha, config.num_sites, config.test_fraction, config.max_train_examples,
-            config.max_test_examples, config.seed)
+    return (
+        config.dataset,
+        config.text_column,
+        config.label_column,
+        config.group_column,
+        config.partition,
+        config.dirichlet_alpha,
+        config.num_sites,
+        config.test_fraction,
+        config.max_train_examples,
+        config.max_test_examples,
+        config.seed,
+    )
 
 
 def dataset_and_sites(config: RunConfig) -> tuple[LabelledTexts, list[SiteSplit]]:

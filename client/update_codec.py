@@ -18,8 +18,9 @@ which the server undoes against ``round_trip`` of what it sent.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -27,10 +28,10 @@ from flwr.app import ArrayRecord, Message
 from client.fault_injection import inject_fault
 from client.site_runtime import SiteRuntime
 from fedcl.model_factory import set_trainable_arrays
+from fedcl.protocol import ARRAYS_RECORD, to_numpy
 from strategies.aggregation import Arrays
 from strategies.compression import Compression
 from strategies.ffa import ffa_frozen_names, ffa_trainable_names
-from fedcl.protocol import ARRAYS_RECORD, to_numpy
 
 
 def _uses_ffa(runtime: SiteRuntime) -> bool:
@@ -63,7 +64,9 @@ def install_global(runtime: SiteRuntime, received: Arrays) -> Arrays:
         arrays = {**{name: initial[name] for name in ffa_frozen_names(initial)}, **received}
     else:
         arrays = received
-    _set_requires_grad(runtime.adapter.model, list(initial), True)  # every travelling tensor is trainable between messages
+    _set_requires_grad(
+        runtime.adapter.model, list(initial), True
+    )  # every travelling tensor is trainable between messages
     set_trainable_arrays(runtime.adapter.model, arrays)
     return arrays
 

@@ -53,14 +53,20 @@ class ExperienceSchedule:
     ncm: bool = False
 
     @classmethod
-    def from_config(cls, config: RunConfig, num_experiences: int) -> "ExperienceSchedule":
+    def from_config(cls, config: RunConfig, num_experiences: int) -> ExperienceSchedule:
         """The schedule of ``config`` for a stream of ``num_experiences`` experiences."""
         if num_experiences < 1:
             raise ValueError(f"num_experiences = {num_experiences}: a stream has at least one experience")
         scale = num_experiences if config.joint else 1
         ncm = config.recipe == NCM
-        return cls(num_experiences, 0 if ncm else config.probe_phase_rounds * scale,
-                   1 if ncm else config.num_rounds * scale, config.offsets, config.joint, ncm)
+        return cls(
+            num_experiences,
+            0 if ncm else config.probe_phase_rounds * scale,
+            1 if ncm else config.num_rounds * scale,
+            config.offsets,
+            config.joint,
+            ncm,
+        )
 
     @property
     def training_experiences(self) -> int:
@@ -113,7 +119,12 @@ class ExperienceSchedule:
         """
         where = self.position(server_round)
         probe_left, lora_left = self.rounds_left_in_slot(where.round_in_slot)
-        return {"phase": where.phase, "plan-probe-rounds": probe_left, "plan-lora-rounds": lora_left,
-                "experience": where.slot, "experience-round": where.round_in_slot,
-                "num-experiences": self.num_experiences, "experience-plan": plan_json}
-
+        return {
+            "phase": where.phase,
+            "plan-probe-rounds": probe_left,
+            "plan-lora-rounds": lora_left,
+            "experience": where.slot,
+            "experience-round": where.round_in_slot,
+            "num-experiences": self.num_experiences,
+            "experience-plan": plan_json,
+        }

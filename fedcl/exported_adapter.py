@@ -20,12 +20,15 @@ DESCRIPTION_FILE = "fedcl-model.json"
 
 def describe_export(folder: Path, base_model: str, pooling: str, num_labels: int, label_names: list[str]) -> None:
     """Write ``fedcl-model.json`` beside the PEFT files."""
-    write_json_atomic(folder / DESCRIPTION_FILE, {
-        "base_model": base_model,
-        "pooling": pooling,
-        "num_labels": num_labels,
-        "label_names": list(label_names),
-    })
+    write_json_atomic(
+        folder / DESCRIPTION_FILE,
+        {
+            "base_model": base_model,
+            "pooling": pooling,
+            "num_labels": num_labels,
+            "label_names": list(label_names),
+        },
+    )
 
 
 def read_description(folder: Path | str) -> dict[str, Any]:
@@ -48,6 +51,7 @@ def load_exported_model(folder: Path | str, base_model: str | None = None) -> An
     from fedcl.model_factory import load_base_classifier
 
     description = read_description(folder)
-    base = load_base_classifier(base_model or description["base_model"], description["pooling"],
-                                int(description["num_labels"]))
+    base = load_base_classifier(
+        base_model or description["base_model"], description["pooling"], int(description["num_labels"])
+    )
     return PeftModel.from_pretrained(base, str(folder)).eval()

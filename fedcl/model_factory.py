@@ -95,8 +95,16 @@ def load_adapter_model(config: RunConfig, num_labels: int) -> AdapterModel:
     state drawn with ``seed``, identical on every site, so the server never has
     to build the model to hand out initial weights.
     """
-    key = (config.model, config.pooling, num_labels, config.lora_rank, config.lora_alpha, config.lora_dropout,
-           config.lora_target_modules, config.seed)
+    key = (
+        config.model,
+        config.pooling,
+        num_labels,
+        config.lora_rank,
+        config.lora_alpha,
+        config.lora_dropout,
+        config.lora_target_modules,
+        config.seed,
+    )
     if key in _CACHE:
         return _CACHE[key]
     import torch
@@ -112,7 +120,9 @@ def load_adapter_model(config: RunConfig, num_labels: int) -> AdapterModel:
         base = load_base_classifier(path, config.pooling, num_labels)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
-        raise ConfigError(f"config key 'model' = {config.model!r}: cannot load it ({err}); check the path or id") from err
+        raise ConfigError(
+            f"config key 'model' = {config.model!r}: cannot load it ({err}); check the path or id"
+        ) from err
     finally:
         hf_logging.set_verbosity(verbosity)
     try:
@@ -140,7 +150,9 @@ def load_base_classifier(path: str, pooling: str, num_labels: int) -> Any:
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, ignore_mismatched_sizes=True  # a new head, whatever the checkpoint had
+            path,
+            num_labels=num_labels,
+            ignore_mismatched_sizes=True,  # a new head, whatever the checkpoint had
         )
     raise ValueError(f"pooling {pooling!r}: use 'mean' or 'model'")
 
@@ -176,7 +188,9 @@ def set_trainable_arrays(model: Any, arrays: dict[str, np.ndarray], partial: boo
         for name, param in params.items():
             value = arrays[name]
             if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"adapter tensor {name} has shape {value.shape}, the model expects {tuple(param.shape)}")
+                raise ValueError(
+                    f"adapter tensor {name} has shape {value.shape}, the model expects {tuple(param.shape)}"
+                )
             param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
 
 

@@ -52,7 +52,7 @@ class MeanPooledClassifier(torch.nn.Module):
         self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
 
     @classmethod
-    def from_base(cls, path: str, num_labels: int, **kwargs: Any) -> "MeanPooledClassifier":
+    def from_base(cls, path: str, num_labels: int, **kwargs: Any) -> MeanPooledClassifier:
         """Load the encoder of ``path`` (a local folder or hub id) and put a new head on it."""
         from transformers import AutoModel
 
@@ -65,5 +65,6 @@ class MeanPooledClassifier(torch.nn.Module):
         encoded = self.encoder(**encoder_inputs, output_hidden_states=want_hidden)
         logits = self.classifier(mean_pool(encoded.last_hidden_state, encoder_inputs.get("attention_mask")))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits,
-                                        hidden_states=encoded.hidden_states if want_hidden else None)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states if want_hidden else None
+        )

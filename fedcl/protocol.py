@@ -28,13 +28,18 @@ SITE_INFO_KEYS = frozenset({SITE_NAME, STATUS, REASON, LABEL_NAMES})
 
 # --- training-reply metrics a site may send under DP -------------------------
 # public: the run plan, the site policy and its nominal size decide them
-PUBLIC_TRAIN_METRICS = frozenset({
-    "num-examples",  # the site's public nominal record count (aggregation weight), not a count of its records
-    "experience",  # the experience the site's schedule assigns to this round
-    "train-steps",  # steps of the mechanism this round (from the plan)
-    "ewc-importance-steps",  # steps of the importance estimate this round (from the plan)
-    "delta", "noise-multiplier", "max-grad-norm", "sample-rate",  # the mechanism's settings
-})
+PUBLIC_TRAIN_METRICS = frozenset(
+    {
+        "num-examples",  # the site's public nominal record count (aggregation weight), not a count of its records
+        "experience",  # the experience the site's schedule assigns to this round
+        "train-steps",  # steps of the mechanism this round (from the plan)
+        "ewc-importance-steps",  # steps of the importance estimate this round (from the plan)
+        "delta",
+        "noise-multiplier",
+        "max-grad-norm",
+        "sample-rate",  # the mechanism's settings
+    }
+)
 # the ledger's own figures: a function of the mechanisms recorded (public settings), not of the records
 LEDGER_TRAIN_METRICS = frozenset({"epsilon", "dp-steps-total", "stopped-for-budget", "target-epsilon"})
 DP_TRAIN_METRICS = PUBLIC_TRAIN_METRICS | LEDGER_TRAIN_METRICS

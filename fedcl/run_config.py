@@ -9,8 +9,9 @@ the value and the fix.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 PARTITIONS = ("iid", "dirichlet", "group")
 STRATEGIES = ("fedavg", "ffa", "exact")  # the same names as strategies.registry (tests/test_strategy_wiring.py checks)
@@ -65,7 +66,9 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     # --- aggregation (strategies/): robustness, server optimiser, wire codec
     robust: str = "validate"  # check every reply (keys, shapes, finite, norm) first: free for honest sites
-    max_update_norm: float = 0.0  # bound on a reply's L2 distance from the global adapter (0 = none); robust "clip": the clip bound
+    max_update_norm: float = (
+        0.0  # bound on a reply's L2 distance from the global adapter (0 = none); robust "clip": the clip bound
+    )
     max_norm_ratio: float = 10.0  # reject an update norm above this multiple of the median one (>= 3 replies); 0 = off
     trim_fraction: float = 0.2  # robust "trimmed-mean": share cut at each end per coordinate (0.2 cuts 1 of 5 sites)
     server_optimizer: str = "none"  # none | adam | yogi: FedAdam/FedYogi on the aggregate (fedavg and ffa)
@@ -74,7 +77,9 @@ class RunConfig:
     # --- simulation-only fault injection (client/fault_injection.py): never set in a deployment
     attack: str = "none"  # none | scale | sign-flip: site number attack-site sends a corrupted update
     attack_site: int = 0
-    attack_scale: float = 100.0  # the corrupted update is +attack-scale (scale) or -attack-scale (sign-flip) x the honest one
+    attack_scale: float = (
+        100.0  # the corrupted update is +attack-scale (scale) or -attack-scale (sign-flip) x the honest one
+    )
     # --- local training ----------------------------------------------------
     local_steps: int = 5  # optimiser steps per site per round
     batch_size: int = 16
@@ -149,13 +154,21 @@ class RunConfig:
         if not self.max_grad_norm > 0:
             _fail("max-grad-norm", self.max_grad_norm, "use a positive clipping bound, e.g. 1.0")
         if self.accountant not in ACCOUNTANTS:
-            _fail("accountant", self.accountant, "use rdp: a site stops on an RDP filter, the accountant whose "
-                  "composition theorem covers an adaptively chosen schedule (README, privacy guarantee)")
+            _fail(
+                "accountant",
+                self.accountant,
+                "use rdp: a site stops on an RDP filter, the accountant whose "
+                "composition theorem covers an adaptively chosen schedule (README, privacy guarantee)",
+            )
         if self.recipe not in RECIPES:
             _fail("recipe", self.recipe, f"use one of {', '.join(RECIPES)}")
         _non_negative_int("probe-rounds", self.probe_rounds)
         if self.recipe != "ncm" and self.total_rounds < 1:
-            _fail("num-rounds", self.num_rounds, "run at least one round: num-rounds >= 1, or probe-rounds >= 1 with the probe recipe")
+            _fail(
+                "num-rounds",
+                self.num_rounds,
+                "run at least one round: num-rounds >= 1, or probe-rounds >= 1 with the probe recipe",
+            )
         _positive_int("probe-steps", self.probe_steps)
         _positive_int("probe-batch-size", self.probe_batch_size)
         if self.probe_learning_rate <= 0:
@@ -204,32 +217,56 @@ def _non_negative_int(key: str, value: int) -> None:
 
 def _check_aggregation(config: RunConfig) -> None:
     """The aggregation, robustness, compression and fault-injection keys, and their conflicts."""
-    for key, value, choices in (("strategy", config.strategy, STRATEGIES), ("robust", config.robust, ROBUST_MODES),
-                                ("server-optimizer", config.server_optimizer, SERVER_OPTIMIZERS),
-                                ("compression", config.compression, COMPRESSIONS), ("attack", config.attack, ATTACKS)):
+    for key, value, choices in (
+        ("strategy", config.strategy, STRATEGIES),
+        ("robust", config.robust, ROBUST_MODES),
+        ("server-optimizer", config.server_optimizer, SERVER_OPTIMIZERS),
+        ("compression", config.compression, COMPRESSIONS),
+        ("attack", config.attack, ATTACKS),
+    ):
         if value not in choices:
             _fail(key, value, f"use one of {', '.join(choices)}")
     if config.max_update_norm < 0:
         _fail("max-update-norm", config.max_update_norm, "use 0 (no bound) or a positive L2 bound, e.g. 1.0")
     if config.robust == "none" and config.max_update_norm > 0:
-        _fail("max-update-norm", config.max_update_norm, 'robust = "none" checks nothing: set robust = "validate" '
-              "(reject above the bound) or \"clip\" (scale down to it), or max-update-norm = 0")
+        _fail(
+            "max-update-norm",
+            config.max_update_norm,
+            'robust = "none" checks nothing: set robust = "validate" '
+            '(reject above the bound) or "clip" (scale down to it), or max-update-norm = 0',
+        )
     if config.robust == "clip" and config.max_update_norm <= 0:
-        _fail("max-update-norm", config.max_update_norm, 'robust = "clip" scales every update down to this bound: '
-              "set a positive bound, e.g. 1.0, or use robust = \"validate\"")
+        _fail(
+            "max-update-norm",
+            config.max_update_norm,
+            'robust = "clip" scales every update down to this bound: '
+            'set a positive bound, e.g. 1.0, or use robust = "validate"',
+        )
     if config.max_norm_ratio != 0 and not config.max_norm_ratio > 1:
         _fail("max-norm-ratio", config.max_norm_ratio, "use 0 (off) or a ratio above 1, e.g. 10.0")
     if not 0.0 <= config.trim_fraction < 0.5:
         _fail("trim-fraction", config.trim_fraction, "use a value in [0, 0.5), e.g. 0.2")
     if config.robust == "trimmed-mean" and int(config.trim_fraction * config.num_sites) == 0:
-        _fail("trim-fraction", config.trim_fraction, f"cuts no site out of {config.num_sites}: use at least "
-              f"1/num-sites = {1 / config.num_sites:.3g} (below 0.5, so at least 3 sites), or robust = \"median\"")
+        _fail(
+            "trim-fraction",
+            config.trim_fraction,
+            f"cuts no site out of {config.num_sites}: use at least "
+            f'1/num-sites = {1 / config.num_sites:.3g} (below 0.5, so at least 3 sites), or robust = "median"',
+        )
     if config.strategy == "exact" and config.robust in ("median", "trimmed-mean"):
-        _fail("robust", config.robust, "exact averages the products B_i A_i, not tensors: use validate or clip with "
-              "exact, or strategy fedavg or ffa for a median or trimmed mean")
+        _fail(
+            "robust",
+            config.robust,
+            "exact averages the products B_i A_i, not tensors: use validate or clip with "
+            "exact, or strategy fedavg or ffa for a median or trimmed mean",
+        )
     if config.strategy == "exact" and config.server_optimizer != "none":
-        _fail("server-optimizer", config.server_optimizer, "exact re-factorises in a new basis every round: use none "
-              "with exact, or strategy fedavg or ffa for adam/yogi")
+        _fail(
+            "server-optimizer",
+            config.server_optimizer,
+            "exact re-factorises in a new basis every round: use none "
+            "with exact, or strategy fedavg or ffa for adam/yogi",
+        )
     if not config.server_learning_rate > 0:
         _fail("server-learning-rate", config.server_learning_rate, "use a positive learning rate, e.g. 0.01")
     if config.attack != "none" and not 0 <= config.attack_site < config.num_sites:
@@ -245,18 +282,25 @@ def parse_offsets(text: str, num_sites: int) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ConfigError(f"config key 'site-offsets' = {text!r}: write one whole number per site, e.g. \"0,0,1\"") from None
+        raise ConfigError(
+            f"config key 'site-offsets' = {text!r}: write one whole number per site, e.g. \"0,0,1\""
+        ) from None
     if len(values) != num_sites or any(v < 0 for v in values):
-        raise ConfigError(f"config key 'site-offsets' = {text!r}: give {num_sites} whole numbers >= 0 "
-                          f"(one per site, experiences it starts late), e.g. \"{','.join(['0'] * num_sites)}\"")
+        raise ConfigError(
+            f"config key 'site-offsets' = {text!r}: give {num_sites} whole numbers >= 0 "
+            f'(one per site, experiences it starts late), e.g. "{",".join(["0"] * num_sites)}"'
+        )
     return values
 
 
 def _check_continual(config: RunConfig) -> None:
     """The stream, replay and EWC keys, and their conflicts (data-dependent checks: simulations/continual_setup.py)."""
-    for key, value, choices in (("stream", config.stream, STREAMS), ("stream-by", config.stream_by, STREAM_UNITS),
-                                ("replay-policy", config.replay_policy, REPLAY_POLICIES),
-                                ("ewc-mode", config.ewc_mode, EWC_MODES)):
+    for key, value, choices in (
+        ("stream", config.stream, STREAMS),
+        ("stream-by", config.stream_by, STREAM_UNITS),
+        ("replay-policy", config.replay_policy, REPLAY_POLICIES),
+        ("ewc-mode", config.ewc_mode, EWC_MODES),
+    ):
         if value not in choices:
             _fail(key, value, f"use one of {', '.join(choices)}")
     _non_negative_int("num-experiences", config.num_experiences)
@@ -267,20 +311,37 @@ def _check_continual(config: RunConfig) -> None:
     if not 0.0 < config.ewc_decay <= 1.0:
         _fail("ewc-decay", config.ewc_decay, "use a value in (0, 1] (1 = no decay)")
     if not 0.0 <= config.ewc_importance_noise < float("inf"):
-        _fail("ewc-importance-noise", config.ewc_importance_noise, "use 0 (the calibrated noise) or a positive multiplier")
+        _fail(
+            "ewc-importance-noise", config.ewc_importance_noise, "use 0 (the calibrated noise) or a positive multiplier"
+        )
     offsets = config.offsets  # raises on a malformed list
     if config.stream == "none":
-        for key, value, off in (("replay-size", config.replay_size, 0), ("ewc-lambda", config.ewc_lambda, 0.0),
-                                ("joint", config.joint, False), ("site-offsets", config.site_offsets, "")):
+        for key, value, off in (
+            ("replay-size", config.replay_size, 0),
+            ("ewc-lambda", config.ewc_lambda, 0.0),
+            ("joint", config.joint, False),
+            ("site-offsets", config.site_offsets, ""),
+        ):
             if value != off:
-                _fail(key, value, "needs a stream of experiences: set stream = class-incremental or "
-                      f"domain-incremental, or {key} = {str(off).lower() if isinstance(off, bool) else repr(off)}")
+                _fail(
+                    key,
+                    value,
+                    "needs a stream of experiences: set stream = class-incremental or "
+                    f"domain-incremental, or {key} = {str(off).lower() if isinstance(off, bool) else repr(off)}",
+                )
     if config.recipe == "ncm":
-        for key, value in (("replay-size", config.replay_size), ("ewc-lambda", config.ewc_lambda),
-                           ("joint", config.joint)):
+        for key, value in (
+            ("replay-size", config.replay_size),
+            ("ewc-lambda", config.ewc_lambda),
+            ("joint", config.joint),
+        ):
             if value:
-                _fail(key, value, "the nearest-class-mean recipe trains nothing (it releases class sums once per "
-                      "experience and never forgets): set it to 0/false, or use recipe probe-then-lora or lora")
+                _fail(
+                    key,
+                    value,
+                    "the nearest-class-mean recipe trains nothing (it releases class sums once per "
+                    "experience and never forgets): set it to 0/false, or use recipe probe-then-lora or lora",
+                )
     if config.joint and any(offsets):
         _fail("site-offsets", config.site_offsets, "joint trains every experience at once: leave site-offsets empty")
 

@@ -32,5 +32,10 @@ def export_adapter(folder: Path, config: RunConfig, arrays: dict[str, np.ndarray
     adapter.tokenizer.save_pretrained(str(folder))
     describe_export(folder, resolve_model_path(config.model), config.pooling, num_labels, label_names)
     base = adapter.model.get_base_model()
-    return int(sum(p.numel() * p.element_size() for n, p in base.named_parameters()
-                   if "lora_" not in n and "modules_to_save" not in n))
+    return int(
+        sum(
+            p.numel() * p.element_size()
+            for n, p in base.named_parameters()
+            if "lora_" not in n and "modules_to_save" not in n
+        )
+    )

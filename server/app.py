@@ -17,12 +17,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedcl.protocol import to_numpy
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 from server.adapter_export import export_adapter
 from server.continual_run import ContinualRun
 from server.run_report import RunReport, save_arrays_atomic
 from server.strategy_setup import aggregation_summary, build_strategy, save_strategy_state
-from fedcl.protocol import to_numpy
 from strategies.site_strategy import SiteReply, SiteStrategy
 
 app = ServerApp()
@@ -65,16 +65,25 @@ def privacy_summary(config: RunConfig, strategy: SiteStrategy) -> dict[str, dict
                 continue
             m = reply.metrics
             entry = sites.setdefault(reply.site, {"stopped_for_budget": False})
-            entry.update({"epsilon": m["epsilon"], "delta": m.get("delta"), "noise_multiplier": m.get("noise-multiplier"),
-                          "max_grad_norm": m.get("max-grad-norm"), "steps": m.get("dp-steps-total"),
-                          "sample_rate": m.get("sample-rate"), "accountant": "rdp-filter",
-                          "target_epsilon": m.get("target-epsilon", config.target_epsilon)})
+            entry.update(
+                {
+                    "epsilon": m["epsilon"],
+                    "delta": m.get("delta"),
+                    "noise_multiplier": m.get("noise-multiplier"),
+                    "max_grad_norm": m.get("max-grad-norm"),
+                    "steps": m.get("dp-steps-total"),
+                    "sample_rate": m.get("sample-rate"),
+                    "accountant": "rdp-filter",
+                    "target_epsilon": m.get("target-epsilon", config.target_epsilon),
+                }
+            )
             entry["stopped_for_budget"] = entry["stopped_for_budget"] or bool(m.get("stopped-for-budget"))
     return sites
 
 
-def flag_step_regressions(server_round: int, replies: list[SiteReply], last_steps: dict[str, int],
-                          regressions: list[dict]) -> None:
+def flag_step_regressions(
+    server_round: int, replies: list[SiteReply], last_steps: dict[str, int], regressions: list[dict]
+) -> None:
     """Flag every site whose ledger reports fewer DP steps than it reported before (a reset or rolled-back ledger).
 
     The server cannot see a site's disk; it remembers each site's last
@@ -89,10 +98,17 @@ def flag_step_regressions(server_round: int, replies: list[SiteReply], last_step
         before = last_steps.get(reply.site)
         if before is not None and int(steps) < before:
             reply.metrics["ledger-regression"] = before
-            regressions.append({"round": server_round, "site": reply.site, "steps_before": before,
-                                "steps_now": int(steps)})
-            log(ERROR, "fedcl: %s reports %d DP steps after %d: its ledger was reset or rolled back; its epsilon "
-                "no longer covers what it released", reply.site, int(steps), before)
+            regressions.append(
+                {"round": server_round, "site": reply.site, "steps_before": before, "steps_now": int(steps)}
+            )
+            log(
+                ERROR,
+                "fedcl: %s reports %d DP steps after %d: its ledger was reset or rolled back; its epsilon "
+                "no longer covers what it released",
+                reply.site,
+                int(steps),
+                before,
+            )
         last_steps[reply.site] = max(int(steps), before or 0)
 
 
@@ -115,11 +131,14 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             state["round_started"] = time.time()
             return None
         flag_step_regressions(server_round, strategy.train_replies.get(server_round, []), last_steps, regressions)
-        rows = report.add_round(server_round, strategy.train_replies.get(server_round, []),
-                                strategy.evaluate_replies.get(server_round, []),
-                                bytes_down_train=strategy.bytes_down.get((server_round, "train"), 0),
-                                bytes_down_eval=strategy.bytes_down.get((server_round, "evaluate"), 0),
-                                extra=strategy.round_diagnostics.get(server_round))
+        rows = report.add_round(
+            server_round,
+            strategy.train_replies.get(server_round, []),
+            strategy.evaluate_replies.get(server_round, []),
+            bytes_down_train=strategy.bytes_down.get((server_round, "train"), 0),
+            bytes_down_eval=strategy.bytes_down.get((server_round, "evaluate"), 0),
+            extra=strategy.round_diagnostics.get(server_round),
+        )
         if len(arrays):
             save_arrays_atomic(run_dir / "checkpoint" / "global.npz", to_numpy(arrays))
             save_strategy_state(run_dir / "checkpoint", strategy)
@@ -127,9 +146,17 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         mean = sum(accuracies.values()) / len(accuracies) if accuracies else float("nan")
         epsilons = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
         spent = f"; epsilon spent up to {max(epsilons):.2f} of {config.target_epsilon}" if epsilons else ""
-        log(INFO, "fedcl: round %d/%d (%s) done in %.1f s: mean accuracy %.3f (%s)%s", server_round,
-            total_rounds, schedule(server_round)["phase"], time.time() - state["round_started"],
-            mean, ", ".join(f"{site} {acc:.3f}" for site, acc in sorted(accuracies.items())), spent)
+        log(
+            INFO,
+            "fedcl: round %d/%d (%s) done in %.1f s: mean accuracy %.3f (%s)%s",
+            server_round,
+            total_rounds,
+            schedule(server_round)["phase"],
+            time.time() - state["round_started"],
+            mean,
+            ", ".join(f"{site} {acc:.3f}" for site, acc in sorted(accuracies.items())),
+            spent,
+        )
         if continual:  # after an experience's last round: a row of the accuracy matrix
             continual.on_round_end(server_round, strategy.evaluate_replies.get(server_round, []))
         state["round_started"] = time.time()
@@ -144,15 +171,27 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         evaluate_config=ConfigRecord(),
         evaluate_fn=on_round_end,
     )
-    labels = next((r.info.get("label-names") for replies in strategy.train_replies.values() for r in replies
-                   if r.info.get("label-names")), None)
+    labels = next(
+        (
+            r.info.get("label-names")
+            for replies in strategy.train_replies.values()
+            for r in replies
+            if r.info.get("label-names")
+        ),
+        None,
+    )
     base_bytes = None
     if len(result.arrays) and config.recipe != "ncm":  # ncm's global state is class sums, not an adapter
         base_bytes = export_adapter(run_dir / "adapter", config, to_numpy(result.arrays), list(labels or []))
-    summary = report.summary(base_bytes, {"label_names": list(labels) if labels else None,
-                                          "privacy": privacy_summary(config, strategy),
-                                          "ledger_regressions": regressions,
-                                          "aggregation": aggregation_summary(config, strategy),
-                                          "continual": continual.summary() if continual else None})
+    summary = report.summary(
+        base_bytes,
+        {
+            "label_names": list(labels) if labels else None,
+            "privacy": privacy_summary(config, strategy),
+            "ledger_regressions": regressions,
+            "aggregation": aggregation_summary(config, strategy),
+            "continual": continual.summary() if continual else None,
+        },
+    )
     log(INFO, "fedcl: final mean accuracy %s; report in %s", summary["accuracy"], run_dir / "summary.json")
     return run_dir

@@ -29,7 +29,8 @@ test data for ``j``. After experience ``i``:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 Matrix = Sequence[Sequence[float | None]]
 
@@ -41,11 +42,15 @@ def accuracy_matrix(correct: Sequence[Sequence[int]], total: Sequence[Sequence[i
     ``total == 0`` (no site has test data for that experience) is ``None``.
     """
     if len(correct) != len(total):
-        raise ValueError(f"{len(correct)} rows of correct counts but {len(total)} rows of totals; give both per experience")
+        raise ValueError(
+            f"{len(correct)} rows of correct counts but {len(total)} rows of totals; give both per experience"
+        )
     matrix = []
     for i, (hits, counts) in enumerate(zip(correct, total)):
         if len(hits) != i + 1 or len(counts) != i + 1:
-            raise ValueError(f"row {i} must have {i + 1} entries (experiences 0..{i}); got {len(hits)} and {len(counts)}")
+            raise ValueError(
+                f"row {i} must have {i + 1} entries (experiences 0..{i}); got {len(hits)} and {len(counts)}"
+            )
         row: list[float | None] = []
         for j, (h, n) in enumerate(zip(hits, counts)):
             if n < 0 or h < 0 or h > n:
@@ -55,7 +60,9 @@ def accuracy_matrix(correct: Sequence[Sequence[int]], total: Sequence[Sequence[i
     return matrix
 
 
-def average_accuracy(matrix: Matrix, after: int | None = None, test_counts: Sequence[int] | None = None) -> float | None:
+def average_accuracy(
+    matrix: Matrix, after: int | None = None, test_counts: Sequence[int] | None = None
+) -> float | None:
     """Average accuracy after experience ``after`` (default: the last row); see the module docstring.
 
     ``test_counts[j]`` (test examples of experience ``j``) makes it
@@ -64,7 +71,9 @@ def average_accuracy(matrix: Matrix, after: int | None = None, test_counts: Sequ
     """
     row = _row(matrix, after)
     if test_counts is not None and (len(test_counts) < len(row) or any(n < 0 for n in test_counts)):
-        raise ValueError(f"test_counts needs a count >= 0 for each of experiences 0..{len(row) - 1}; got {list(test_counts)}")
+        raise ValueError(
+            f"test_counts needs a count >= 0 for each of experiences 0..{len(row) - 1}; got {list(test_counts)}"
+        )
     pairs = [(r, 1 if test_counts is None else test_counts[j]) for j, r in enumerate(row) if r is not None]
     weight = sum(w for _, w in pairs)
     return sum(r * w for r, w in pairs) / weight if weight else None

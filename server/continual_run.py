@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from logging import INFO
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from flwr.common.logger import log
 
@@ -47,9 +48,16 @@ class ContinualRun:
         self.schedule = ExperienceSchedule.from_config(config, len(self.plan))
         self.correct: list[list[int]] = []
         self.total: list[list[int]] = []
-        log(INFO, "fedcl: stream %s by %s, %d experiences (%s); %d slots x %d rounds", config.stream,
-            config.stream_by, len(self.plan), describe_plan(self.plan), self.schedule.slots,
-            self.schedule.rounds_per_slot)
+        log(
+            INFO,
+            "fedcl: stream %s by %s, %d experiences (%s); %d slots x %d rounds",
+            config.stream,
+            config.stream_by,
+            len(self.plan),
+            describe_plan(self.plan),
+            self.schedule.slots,
+            self.schedule.rounds_per_slot,
+        )
 
     @property
     def total_rounds(self) -> int:
@@ -86,8 +94,13 @@ class ContinualRun:
         row = {"round": server_round, **self._rows()[-1]}
         _append_jsonl(self.run_dir / "metrics.jsonl", row)
         forgetting = row.get("forgetting")
-        log(INFO, "fedcl: experience %d done: average accuracy %s, forgetting %s", where.slot,
-            _fmt(row.get("average_accuracy")), _fmt(forgetting))
+        log(
+            INFO,
+            "fedcl: experience %d done: average accuracy %s, forgetting %s",
+            where.slot,
+            _fmt(row.get("average_accuracy")),
+            _fmt(forgetting),
+        )
         return row
 
     def summary(self) -> dict[str, Any] | None:
@@ -98,12 +111,22 @@ class ContinualRun:
         if self.config.joint:
             matrix = [[c / n if n else None for c, n in zip(self.correct[-1], self.total[-1])]]
             pooled = sum(self.correct[-1]) / sum(self.total[-1]) if sum(self.total[-1]) else None
-            body: dict[str, Any] = {"accuracy_matrix": matrix, "average_accuracy": pooled, "forgetting": None,
-                                    "bwt": None, "joint": True}
+            body: dict[str, Any] = {
+                "accuracy_matrix": matrix,
+                "average_accuracy": pooled,
+                "forgetting": None,
+                "bwt": None,
+                "joint": True,
+            }
         else:
             body = continual_summary(accuracy_matrix(self.correct, self.total), counts)
-        return {**body, "test_counts": counts, "plan": self.plan.to_dict(), "slots": self.schedule.slots,
-                "rounds_per_experience": self.schedule.rounds_per_slot}
+        return {
+            **body,
+            "test_counts": counts,
+            "plan": self.plan.to_dict(),
+            "slots": self.schedule.slots,
+            "rounds_per_experience": self.schedule.rounds_per_slot,
+        }
 
     def _test_counts(self) -> list[int]:
         """Test records per experience, summed over sites (the widest row knows every seen experience)."""
@@ -113,8 +136,15 @@ class ContinualRun:
     def _rows(self) -> list[dict[str, Any]]:
         if self.config.joint:
             summary = self.summary() or {}
-            return [{"experience": "joint", "accuracy": summary.get("accuracy_matrix", [[]])[0],
-                     "average_accuracy": summary.get("average_accuracy"), "forgetting": None, "bwt": None}]
+            return [
+                {
+                    "experience": "joint",
+                    "accuracy": summary.get("accuracy_matrix", [[]])[0],
+                    "average_accuracy": summary.get("average_accuracy"),
+                    "forgetting": None,
+                    "bwt": None,
+                }
+            ]
         return experience_rows(accuracy_matrix(self.correct, self.total), self._test_counts())
 
 

@@ -28,8 +28,15 @@ class RunReport:
         (run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
         write_json_atomic(run_dir / "config.json", config)
 
-    def add_round(self, server_round: int, train: list[SiteReply], evaluated: list[SiteReply],
-                  bytes_down_train: int, bytes_down_eval: int, extra: dict[str, Any] | None = None) -> list[dict]:
+    def add_round(
+        self,
+        server_round: int,
+        train: list[SiteReply],
+        evaluated: list[SiteReply],
+        bytes_down_train: int,
+        bytes_down_eval: int,
+        extra: dict[str, Any] | None = None,
+    ) -> list[dict]:
         """Merge each site's train and evaluate replies into one row; append them to metrics.jsonl."""
         sites = sorted({r.site for r in train} | {r.site for r in evaluated})
         by_site_train = {r.site: r for r in train}
@@ -39,18 +46,34 @@ class RunReport:
             t, e = by_site_train.get(site), by_site_eval.get(site)
             row: dict[str, Any] = {"round": server_round, "site": site, **(extra or {})}
             if t is not None:
-                row.update({
-                    "train_status": t.status, "train_reason": t.reason,
-                    "train_loss": t.metrics.get("train-loss"), "train_examples": t.metrics.get("num-examples"),
-                    "train_seconds": t.metrics.get("train-seconds"), "bytes_up": t.bytes_up,
-                    "bytes_down": bytes_down_train + (bytes_down_eval if e is not None else 0),
-                })
-                row.update({k.replace("-", "_"): v for k, v in t.metrics.items()
-                            if k not in ("train-loss", "num-examples", "train-seconds")})
+                row.update(
+                    {
+                        "train_status": t.status,
+                        "train_reason": t.reason,
+                        "train_loss": t.metrics.get("train-loss"),
+                        "train_examples": t.metrics.get("num-examples"),
+                        "train_seconds": t.metrics.get("train-seconds"),
+                        "bytes_up": t.bytes_up,
+                        "bytes_down": bytes_down_train + (bytes_down_eval if e is not None else 0),
+                    }
+                )
+                row.update(
+                    {
+                        k.replace("-", "_"): v
+                        for k, v in t.metrics.items()
+                        if k not in ("train-loss", "num-examples", "train-seconds")
+                    }
+                )
             if e is not None:
-                row.update({"accuracy": e.metrics.get("accuracy"), "eval_loss": e.metrics.get("eval-loss"),
-                            "test_examples": e.metrics.get("num-examples"),
-                            "eval_seconds": e.metrics.get("eval-seconds"), "eval_status": e.status})
+                row.update(
+                    {
+                        "accuracy": e.metrics.get("accuracy"),
+                        "eval_loss": e.metrics.get("eval-loss"),
+                        "test_examples": e.metrics.get("num-examples"),
+                        "eval_seconds": e.metrics.get("eval-seconds"),
+                        "eval_status": e.status,
+                    }
+                )
                 if e.reason:
                     row["eval_reason"] = e.reason
             rows.append(row)
@@ -71,15 +94,22 @@ class RunReport:
             "config": self.config,
             "rounds_completed": last_round,
             "accuracy": float(np.mean([r["accuracy"] for r in final])) if final else None,
-            "per_site": {r["site"]: {"accuracy": r["accuracy"], "test_examples": r.get("test_examples"),
-                                     "train_examples": r.get("train_examples")} for r in final},
+            "per_site": {
+                r["site"]: {
+                    "accuracy": r["accuracy"],
+                    "test_examples": r.get("test_examples"),
+                    "train_examples": r.get("train_examples"),
+                }
+                for r in final
+            },
             "bytes": {
                 "up_total": int(sum(r.get("bytes_up", 0) or 0 for r in self.rows)),
                 "down_total": int(sum(r.get("bytes_down", 0) or 0 for r in self.rows)),
                 "up_per_update_mean": float(np.mean(updates)) if updates else 0.0,
                 "base_model_bytes": base_model_bytes,
-                "update_fraction_of_base": (float(np.mean(updates)) / base_model_bytes
-                                            if updates and base_model_bytes else None),
+                "update_fraction_of_base": (
+                    float(np.mean(updates)) / base_model_bytes if updates and base_model_bytes else None
+                ),
             },
             "wall_seconds": time.time() - self.started,
             **extra,

@@ -20,8 +20,8 @@ import argparse
 import contextlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -63,21 +63,41 @@ def byte_rows(adapter: Arrays) -> list[dict]:
         arrays = {n: adapter[n] for n in wire_names(strategy, list(adapter))}
         for codec in CODECS:
             size = serialized_bytes(encode_arrays(arrays, codec))
-            rows.append({"strategy": strategy, "codec": codec, "tensors": len(arrays), "bytes_up": size,
-                         "bytes_down": size, "fraction_of_full_model": size / FULL_MODEL_BYTES})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "codec": codec,
+                    "tensors": len(arrays),
+                    "bytes_up": size,
+                    "bytes_down": size,
+                    "fraction_of_full_model": size / FULL_MODEL_BYTES,
+                }
+            )
     residual = {residual_name(n): np.zeros((HIDDEN, HIDDEN), np.float32) for n in adapter if "lora_A" in n}
     full = {**adapter, **residual}
-    rows.append({"strategy": "exact+residual-sent", "codec": "none", "tensors": len(full),
-                 "bytes_up": serialized_bytes(adapter), "bytes_down": serialized_bytes(full),
-                 "fraction_of_full_model": serialized_bytes(full) / FULL_MODEL_BYTES})
+    rows.append(
+        {
+            "strategy": "exact+residual-sent",
+            "codec": "none",
+            "tensors": len(full),
+            "bytes_up": serialized_bytes(adapter),
+            "bytes_down": serialized_bytes(full),
+            "fraction_of_full_model": serialized_bytes(full) / FULL_MODEL_BYTES,
+        }
+    )
     return rows
 
 
 def synthetic_round(rng: np.random.Generator, current: Arrays, sites: int) -> list[SiteUpdate]:
     """``sites`` replies: every site's adapter is ``current`` plus its own small local change."""
-    return [SiteUpdate(f"site-{i}", {n: v + (1e-3 * rng.standard_normal(v.shape)).astype(np.float32)
-                                     for n, v in current.items()}, int(rng.integers(100, 1000)))
-            for i in range(sites)]
+    return [
+        SiteUpdate(
+            f"site-{i}",
+            {n: v + (1e-3 * rng.standard_normal(v.shape)).astype(np.float32) for n, v in current.items()},
+            int(rng.integers(100, 1000)),
+        )
+        for i in range(sites)
+    ]
 
 
 def best_time(run: Callable[[], object], repeats: int) -> float:
@@ -103,7 +123,7 @@ def timing_rows(current: Arrays, replies: list[SiteUpdate], sizes: list[int], re
     rows = []
     for size in sizes:
         for label, (make, pool) in cases.items():
-            seconds = best_time(lambda: make().aggregate(current, pool[:size]), repeats)
+            seconds = best_time(lambda make=make, pool=pool, size=size: make().aggregate(current, pool[:size]), repeats)
             rows.append({"strategy": label, "replies": size, "seconds": seconds})
     return rows
 
@@ -125,8 +145,10 @@ def print_tables(report: dict) -> None:
     print(f"bytes per site per round (full model, float32: {FULL_MODEL_BYTES:,} B)")
     print(f"{'strategy':<22}{'codec':<7}{'tensors':>8}{'up B':>11}{'down B':>12}{'of full model':>15}")
     for row in report["bytes"]:
-        print(f"{row['strategy']:<22}{row['codec']:<7}{row['tensors']:>8}{row['bytes_up']:>11,}"
-              f"{row['bytes_down']:>12,}{row['fraction_of_full_model']:>14.3%}")
+        print(
+            f"{row['strategy']:<22}{row['codec']:<7}{row['tensors']:>8}{row['bytes_up']:>11,}"
+            f"{row['bytes_down']:>12,}{row['fraction_of_full_model']:>14.3%}"
+        )
     sizes = sorted({row["replies"] for row in report["timing"]})
     print(f"\nserver aggregation time, seconds (BLAS threads: {report['settings']['blas_threads']})")
     print(f"{'strategy':<16}" + "".join(f"{s:>10,}" for s in sizes))
@@ -152,11 +174,22 @@ def main(argv: list[str] | None = None) -> dict:
     replies = synthetic_round(rng, current, max(args.sizes))
     with blas_threads(args.blas_threads) as threads:
         timing = timing_rows(current, replies, sorted(args.sizes), args.repeats)
-    report = {"settings": {"hidden": HIDDEN, "layers": LAYERS, "rank": RANK, "classes": CLASSES,
-                           "modules": list(MODULES), "repeats": args.repeats, "blas_threads": threads,
-                           "seed": args.seed, "full_model_bytes": FULL_MODEL_BYTES},
-              "bytes": byte_rows(current), "timing": timing,
-              "seconds_total": time.perf_counter() - started}
+    report = {
+        "settings": {
+            "hidden": HIDDEN,
+            "layers": LAYERS,
+            "rank": RANK,
+            "classes": CLASSES,
+            "modules": list(MODULES),
+            "repeats": args.repeats,
+            "blas_threads": threads,
+            "seed": args.seed,
+            "full_model_bytes": FULL_MODEL_BYTES,
+        },
+        "bytes": byte_rows(current),
+        "timing": timing,
+        "seconds_total": time.perf_counter() - started,
+    }
     print_tables(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -37,33 +37,46 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-MEDQUAD_GROUPS = ("information,frequency,research,outlook,stages;"
-                  "symptoms,treatment,causes,susceptibility,complications;"
-                  "inheritance,genetic changes,exams and tests,considerations,prevention,support groups")
-COMMON = ("target-epsilon=8.0 accountant='rdp' num-rounds=0 probe-rounds=2 probe-steps=30 probe-batch-size=64 "
-          "probe-learning-rate=0.5")
+MEDQUAD_GROUPS = (
+    "information,frequency,research,outlook,stages;"
+    "symptoms,treatment,causes,susceptibility,complications;"
+    "inheritance,genetic changes,exams and tests,considerations,prevention,support groups"
+)
+COMMON = (
+    "target-epsilon=8.0 accountant='rdp' num-rounds=0 probe-rounds=2 probe-steps=30 probe-batch-size=64 "
+    "probe-learning-rate=0.5"
+)
 SCENARIOS: dict[str, dict[str, Any]] = {
     "medquad": {
         "what": "MedQuAD answers -> question type; 3 sites = the 3 largest NIH sources; 3 class-incremental "
-                "experiences of question types",
-        "keys": ("dataset='../shared/data/medquad/medquad.csv' text-column='answer' label-column='qtype' "
-                 "group-column='source' partition='group' num-sites=3 max-train-examples=240 max-test-examples=80 "
-                 f"stream='class-incremental' stream-groups='{MEDQUAD_GROUPS}'"),
-        "replay": 80, "ewc": 10.0,
+        "experiences of question types",
+        "keys": (
+            "dataset='../shared/data/medquad/medquad.csv' text-column='answer' label-column='qtype' "
+            "group-column='source' partition='group' num-sites=3 max-train-examples=240 max-test-examples=80 "
+            f"stream='class-incremental' stream-groups='{MEDQUAD_GROUPS}'"
+        ),
+        "replay": 80,
+        "ewc": 10.0,
     },
     "clinc150": {
         "what": "CLINC150 intents; 3 IID sites; 5 class-incremental experiences of 2 domains each (seeded)",
-        "keys": ("dataset='../shared/data/clinc150/data_full.json' partition='iid' num-sites=3 max-length=32 "
-                 "max-train-examples=450 max-test-examples=150 stream='class-incremental' stream-by='group' "
-                 "num-experiences=5"),
-        "replay": 90, "ewc": 10.0,
+        "keys": (
+            "dataset='../shared/data/clinc150/data_full.json' partition='iid' num-sites=3 max-length=32 "
+            "max-train-examples=450 max-test-examples=150 stream='class-incremental' stream-by='group' "
+            "num-experiences=5"
+        ),
+        "replay": 90,
+        "ewc": 10.0,
     },
     "clinc150-large": {
         "what": "the same CLINC150 stream with 3.3x the records per site (10 train records per intent per site)",
-        "keys": ("dataset='../shared/data/clinc150/data_full.json' partition='iid' num-sites=3 max-length=32 "
-                 "max-train-examples=1500 max-test-examples=300 stream='class-incremental' stream-by='group' "
-                 "num-experiences=5"),
-        "replay": 300, "ewc": 10.0,
+        "keys": (
+            "dataset='../shared/data/clinc150/data_full.json' partition='iid' num-sites=3 max-length=32 "
+            "max-train-examples=1500 max-test-examples=300 stream='class-incremental' stream-by='group' "
+            "num-experiences=5"
+        ),
+        "replay": 300,
+        "ewc": 10.0,
     },
 }
 
@@ -99,11 +112,17 @@ def run_recipe(scenario: str, name: str, overrides: str, out_root: Path, repeat:
     continual = summary["continual"]
     privacy = summary.get("privacy") or {}
     return {
-        "scenario": scenario, "recipe": name, "repeat": repeat, "overrides": keys,
-        "average_accuracy": continual["average_accuracy"], "forgetting": continual["forgetting"],
-        "bwt": continual["bwt"], "accuracy_matrix": continual["accuracy_matrix"],
+        "scenario": scenario,
+        "recipe": name,
+        "repeat": repeat,
+        "overrides": keys,
+        "average_accuracy": continual["average_accuracy"],
+        "forgetting": continual["forgetting"],
+        "bwt": continual["bwt"],
+        "accuracy_matrix": continual["accuracy_matrix"],
         "epsilon_max": max((p["epsilon"] for p in privacy.values()), default=None),
-        "wall_seconds": time.time() - started, "run_dir": str(run_dir),
+        "wall_seconds": time.time() - started,
+        "run_dir": str(run_dir),
     }
 
 
@@ -117,12 +136,18 @@ def averaged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         accuracy = [r["average_accuracy"] for r in runs]
         forgetting = [r["forgetting"] for r in runs]
         epsilons = [r["epsilon_max"] for r in runs if r["epsilon_max"] is not None]
-        out.append({"recipe": recipe, "runs": len(runs), "average_accuracy": mean(accuracy),
-                    "accuracy_spread": (min(accuracy), max(accuracy)),
-                    "forgetting": None if None in forgetting else mean(forgetting),
-                    "forgetting_spread": None if None in forgetting else (min(forgetting), max(forgetting)),
-                    "epsilon_max": max(epsilons) if epsilons else None,
-                    "wall_seconds": mean([r["wall_seconds"] for r in runs])})
+        out.append(
+            {
+                "recipe": recipe,
+                "runs": len(runs),
+                "average_accuracy": mean(accuracy),
+                "accuracy_spread": (min(accuracy), max(accuracy)),
+                "forgetting": None if None in forgetting else mean(forgetting),
+                "forgetting_spread": None if None in forgetting else (min(forgetting), max(forgetting)),
+                "epsilon_max": max(epsilons) if epsilons else None,
+                "wall_seconds": mean([r["wall_seconds"] for r in runs]),
+            }
+        )
     return out
 
 
@@ -134,13 +159,17 @@ def _cell(value: float | None, spread: tuple[float, float] | None, runs: int) ->
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of one scenario's results (means over repeats, with their range)."""
-    lines = ["| recipe | runs | average accuracy | forgetting | max site epsilon | wall s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | runs | average accuracy | forgetting | max site epsilon | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in averaged(rows):
         epsilon = "no DP" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"
-        lines.append(f"| {r['recipe']} | {r['runs']} | {_cell(r['average_accuracy'], r['accuracy_spread'], r['runs'])} "
-                     f"| {_cell(r['forgetting'], r['forgetting_spread'], r['runs'])} | {epsilon} | "
-                     f"{r['wall_seconds']:.0f} |")
+        lines.append(
+            f"| {r['recipe']} | {r['runs']} | {_cell(r['average_accuracy'], r['accuracy_spread'], r['runs'])} "
+            f"| {_cell(r['forgetting'], r['forgetting_spread'], r['runs'])} | {epsilon} | "
+            f"{r['wall_seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -150,7 +179,9 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by = {r["recipe"]: r for r in rows}
     found: dict[str, Any] = {}
     if "naive" in by and "replay+ewc" in by:
-        found["replay+ewc forgetting <= half of naive"] = by["replay+ewc"]["forgetting"] <= 0.5 * by["naive"]["forgetting"]
+        found["replay+ewc forgetting <= half of naive"] = (
+            by["replay+ewc"]["forgetting"] <= 0.5 * by["naive"]["forgetting"]
+        )
     trained = [r for r in rows if r["recipe"] not in ("ncm", "joint", "joint non-private")]
     if trained and "ncm" in by:
         best = max(trained, key=lambda r: r["average_accuracy"])
@@ -176,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for scenario in args.scenarios:
-        chosen = [(name, overrides) for name, overrides in recipes(SCENARIOS[scenario], args.with_lora).items()
-                  if not args.only or name in args.only]
+        chosen = [
+            (name, overrides)
+            for name, overrides in recipes(SCENARIOS[scenario], args.with_lora).items()
+            if not args.only or name in args.only
+        ]
         for (name, overrides), repeat in ((recipe, k) for recipe in chosen for k in range(args.repeats)):
             print(f"bench_continual: {scenario} / {name} (run {repeat + 1}) ...", flush=True)
             try:
@@ -186,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench_continual: {scenario} / {name} failed: {err}", flush=True)
                 results.append({"scenario": scenario, "recipe": name, "repeat": repeat, "error": str(err)})
             done = [r for r in results if "error" not in r]
-            report = {"scenarios": {s: SCENARIOS[s]["what"] for s in args.scenarios}, "common": COMMON,
-                      "results": results,
-                      "goals": {s: goals([r for r in done if r["scenario"] == s]) for s in args.scenarios}}
+            report = {
+                "scenarios": {s: SCENARIOS[s]["what"] for s in args.scenarios},
+                "common": COMMON,
+                "results": results,
+                "goals": {s: goals([r for r in done if r["scenario"] == s]) for s in args.scenarios},
+            }
             out.write_text(json.dumps(report, indent=1), encoding="utf-8")
     for scenario in args.scenarios:
         rows = [r for r in results if r["scenario"] == scenario and "error" not in r]

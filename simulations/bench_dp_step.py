@@ -27,8 +27,9 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -87,7 +88,10 @@ def measure(steps: int, block: int, seed: int) -> dict[str, Any]:
     private_steps: list[float] = []
     for pair in range(max(1, steps // block)):
         first, second = (plain, private) if pair % 2 == 0 else (private, plain)  # alternate who goes first
-        times = {first: timed(lambda: first(block)) / block, second: timed(lambda: second(block)) / block}
+        times = {
+            first: timed(lambda run=first: run(block)) / block,
+            second: timed(lambda run=second: run(block)) / block,
+        }
         plain_steps.append(times[plain])
         private_steps.append(times[private])
     pair_ratios = [b / a for a, b in zip(plain_steps, private_steps)]
@@ -124,8 +128,12 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "opacus": opacus.__version__, "peft": peft.__version__,
-                     "transformers": transformers.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "opacus": opacus.__version__,
+            "peft": peft.__version__,
+            "transformers": transformers.__version__,
+        },
     }
 
 
@@ -143,18 +151,24 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     result = {**measure(args.steps, args.block, args.seed), **environment()}
-    print(f"MiniLM + LoRA(query,value), batch {BATCH} x {LENGTH} tokens, {result['torch_threads']} torch threads, "
-          f"{result['steps_each']} steps each in blocks of {result['block']}")
+    print(
+        f"MiniLM + LoRA(query,value), batch {BATCH} x {LENGTH} tokens, {result['torch_threads']} torch threads, "
+        f"{result['steps_each']} steps each in blocks of {result['block']}"
+    )
     print(f"{'trainer':<10}{'median s/step':>15}{'min s/step':>12}{'samples/s':>11}  all s/step")
     for name in ("plain", "private"):
         median, each = result[f"{name}_median"], result[f"{name}_step_seconds"]
-        print(f"{name:<10}{median:>15.3f}{min(each):>12.3f}{BATCH / median:>11.1f}  {' '.join(f'{s:.2f}' for s in each)}")
+        print(
+            f"{name:<10}{median:>15.3f}{min(each):>12.3f}{BATCH / median:>11.1f}  {' '.join(f'{s:.2f}' for s in each)}"
+        )
     verdict = "meets" if result["ratio"] <= GOAL else "misses"
-    print(f"ratio private/plain {result['ratio']:.3f} (median of adjacent pairs; {verdict} the goal <= {GOAL}), "
-          f"of minima {result['ratio_of_minima']:.3f}; "
-          f"attach+detach {result['attach_detach_seconds'] * 1000:.1f} ms per call; "
-          f"secure noise {result['secure_noise_seconds_per_step'] * 1000:.1f} ms per step; "
-          f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    print(
+        f"ratio private/plain {result['ratio']:.3f} (median of adjacent pairs; {verdict} the goal <= {GOAL}), "
+        f"of minima {result['ratio_of_minima']:.3f}; "
+        f"attach+detach {result['attach_detach_seconds'] * 1000:.1f} ms per call; "
+        f"secure noise {result['secure_noise_seconds_per_step'] * 1000:.1f} ms per step; "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

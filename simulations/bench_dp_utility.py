@@ -46,10 +46,13 @@ def run_variant(name: str, overrides: str, out_root: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     privacy = summary.get("privacy") or {}
     return {
-        "variant": name, "overrides": overrides, "accuracy": summary["accuracy"],
+        "variant": name,
+        "overrides": overrides,
+        "accuracy": summary["accuracy"],
         "per_site": {site: v["accuracy"] for site, v in summary["per_site"].items()},
         "epsilon": {site: p["epsilon"] for site, p in privacy.items()},
-        "wall_seconds": time.time() - started, "run_dir": str(run_dir),
+        "wall_seconds": time.time() - started,
+        "run_dir": str(run_dir),
     }
 
 
@@ -66,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2), encoding="utf-8")
         row = results[-1]
-        print(f"{name:<24} accuracy {row['accuracy']:.3f}  wall {row['wall_seconds']:.0f} s  "
-              f"epsilon {max(row['epsilon'].values(), default=0.0):.2f}", flush=True)
+        print(
+            f"{name:<24} accuracy {row['accuracy']:.3f}  wall {row['wall_seconds']:.0f} s  "
+            f"epsilon {max(row['epsilon'].values(), default=0.0):.2f}",
+            flush=True,
+        )
     print("\n| variant | final mean accuracy | wall seconds | max site epsilon |\n|---|---|---|---|")
     for row in results:
         eps = f"{max(row['epsilon'].values()):.2f}" if row["epsilon"] else "-"

@@ -7,7 +7,7 @@ experiences and the plan it sends) and by the sites (their own stream).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from client.replay_buffer import check_replay_settings
 from fedcl.run_config import ConfigError, RunConfig
@@ -22,8 +22,9 @@ def experience_plan(config: RunConfig, data: LabelledTexts) -> ExperiencePlan:
     Raises :class:`ConfigError` for unknown labels or group values in
     ``stream-groups``, more experiences than labels, and the like.
     """
-    return plan_experiences(data, config.stream, config.stream_by, config.num_experiences, config.stream_groups,
-                            config.seed)
+    return plan_experiences(
+        data, config.stream, config.stream_by, config.num_experiences, config.stream_groups, config.seed
+    )
 
 
 def check_stream(config: RunConfig, data: LabelledTexts, sites: Sequence[SiteSplit]) -> list[str]:
@@ -42,12 +43,16 @@ def check_stream(config: RunConfig, data: LabelledTexts, sites: Sequence[SiteSpl
             check_replay_settings(config.replay_size, config.replay_policy, len(split.train), split.name)
         empty = stream.empty_experiences()
         if len(empty) == len(stream):
-            raise ConfigError(f"config key 'stream-groups' = {config.stream_groups!r}: {split.name} has no training "
-                              "record in any experience; use other groups, partition or sites")
+            raise ConfigError(
+                f"config key 'stream-groups' = {config.stream_groups!r}: {split.name} has no training "
+                "record in any experience; use other groups, partition or sites"
+            )
         if empty and not config.joint:
-            notes.append(f"{split.name} has no training records in experience(s) {empty}: it runs its rounds "
-                         "there on an empty pool (noise only: a skip would tell the server), and is still evaluated "
-                         "on them")
+            notes.append(
+                f"{split.name} has no training records in experience(s) {empty}: it runs its rounds "
+                "there on an empty pool (noise only: a skip would tell the server), and is still evaluated "
+                "on them"
+            )
     return notes
 
 
@@ -56,7 +61,9 @@ def describe_plan(plan: ExperiencePlan) -> str:
     return "; ".join(f"experience {e}: {', '.join(members)}" for e, members in enumerate(plan.members))
 
 
-def streams_of(config: RunConfig, data: LabelledTexts, sites: Sequence[SiteSplit]) -> tuple[ExperiencePlan, list[SiteStream]]:
+def streams_of(
+    config: RunConfig, data: LabelledTexts, sites: Sequence[SiteSplit]
+) -> tuple[ExperiencePlan, list[SiteStream]]:
     """The plan and every site's stream."""
     plan = experience_plan(config, data)
     return plan, site_streams(plan, data, sites)

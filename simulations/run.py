@@ -46,14 +46,18 @@ def parse_overrides(text: str) -> dict[str, Any]:
     try:
         return dict(parse_config_args([text])) if text.strip() else {}
     except Exception as err:  # Flower raises plain exceptions with a usable message
-        raise ConfigError(f"--run-config {text!r}: {err}; write key=value pairs separated by spaces, quote strings") from err
+        raise ConfigError(
+            f"--run-config {text!r}: {err}; write key=value pairs separated by spaces, quote strings"
+        ) from err
 
 
 def prepare_config(overrides: dict[str, Any], cwd: Path) -> RunConfig:
     """Merge overrides into the defaults, make paths absolute, and check everything before training."""
     flat = {**pyproject_defaults(), **overrides}
     config = parse_run_config(flat)
-    output_dir = Path(config.output_dir) if config.output_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    output_dir = (
+        Path(config.output_dir) if config.output_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
     flat["output-dir"] = str((cwd / output_dir).resolve())
     dataset = Path(config.dataset).expanduser()
     if config.dataset != "bbc-news" and not config.dataset.startswith("hf:") and not dataset.is_absolute():
@@ -74,7 +78,9 @@ def preflight(config: RunConfig) -> None:
     resolve_model_path(config.model)
     data = load_dataset(config)
     if len(data.label_names) < 2:
-        raise ConfigError(f"config key 'label-column' = {config.label_column!r}: only one label value; a classifier needs two or more")
+        raise ConfigError(
+            f"config key 'label-column' = {config.label_column!r}: only one label value; a classifier needs two or more"
+        )
     sites = split_sites(data.labels, data.groups, config)
     from simulations.continual_setup import check_stream  # the stream plan, replay size, empty experiences
 
@@ -89,7 +95,9 @@ def check_budget_covers_one_round(config: RunConfig, smallest_site: int) -> None
     from client.privacy_ledger import BudgetError, PrivacyLedger, require_budget_for_one_round
 
     first_probe = config.probe_phase_rounds > 0
-    batch, steps = (config.probe_batch_size, config.probe_steps) if first_probe else (config.batch_size, config.local_steps)
+    batch, steps = (
+        (config.probe_batch_size, config.probe_steps) if first_probe else (config.batch_size, config.local_steps)
+    )
     sample_rate = min(1.0, batch / smallest_site)
     if config.noise_multiplier == 0:
         try:
@@ -103,7 +111,8 @@ def check_budget_covers_one_round(config: RunConfig, smallest_site: int) -> None
         raise ConfigError(
             f"config key 'target-epsilon' = {config.target_epsilon!r}: one round ({steps} steps at sample rate "
             f"{sample_rate:.3g}, noise-multiplier {config.noise_multiplier}) costs epsilon {cost:.3f}; the smallest "
-            f"workable setting is target-epsilon >= {cost:.3f}, or raise noise-multiplier, or take fewer steps")
+            f"workable setting is target-epsilon >= {cost:.3f}, or raise noise-multiplier, or take fewer steps"
+        )
 
 
 def _toml_value(value: Any) -> str:
@@ -121,21 +130,23 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     # put this interpreter's scripts first so it works without an activated virtual environment.
     scripts = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([scripts, *[part for part in env.get("PATH", "").split(os.pathsep) if part]])
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_TMPDIR": str(flwr_home / "ray"),
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
-        "PYTHONUNBUFFERED": "1",
-        # A SuperLink of its own on free ports: `flwr run` reuses whatever answers on its default local port,
-        # so two runs at once (or a leftover SuperLink) would share one, and the first to finish would stop it.
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_local_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_local_port()),
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "RAY_TMPDIR": str(flwr_home / "ray"),
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+            "PYTHONUNBUFFERED": "1",
+            # A SuperLink of its own on free ports: `flwr run` reuses whatever answers on its default local port,
+            # so two runs at once (or a leftover SuperLink) would share one, and the first to finish would stop it.
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_local_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_local_port()),
+        }
+    )
     (flwr_home / "ray").mkdir(parents=True, exist_ok=True)
     return env
 
@@ -152,8 +163,12 @@ def simulated_sites_environment(config: RunConfig, run_dir: Path) -> dict[str, s
     """
     from client.site_policy import SIMULATION_ENV
 
-    policy = {"dp": config.dp, "target-epsilon": config.target_epsilon, "delta": config.delta,
-              "accountant": config.accountant}
+    policy = {
+        "dp": config.dp,
+        "target-epsilon": config.target_epsilon,
+        "delta": config.delta,
+        "accountant": config.accountant,
+    }
     return {SIMULATION_ENV: json.dumps({"state-root": str(run_dir.resolve() / "sites"), "policy": policy})}
 
 
@@ -196,15 +211,23 @@ def run_simulation(config: RunConfig, quiet: bool = False, project: Path = PROJE
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedcl-flwr-"))
     overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in config.to_flat().items())
-    command = [str(Path(sys.executable).parent / "flwr"), "run", str(project),
-               "--federation-config", f"num-supernodes={config.num_sites}",
-               "--run-config", overrides, "--stream"]
+    command = [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(project),
+        "--federation-config",
+        f"num-supernodes={config.num_sites}",
+        "--run-config",
+        overrides,
+        "--stream",
+    ]
     log_path = run_dir / "flower.log"
     try:
         with log_path.open("w", encoding="utf-8") as log:
             env = {**flower_environment(flwr_home), **simulated_sites_environment(config, run_dir)}
-            proc = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            proc = subprocess.Popen(
+                command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            )
             for line in proc.stdout or []:
                 log.write(line)
                 if not quiet and ("fedcl:" in line or "ERROR" in line or "Traceback" in line):
@@ -221,7 +244,7 @@ def run_simulation(config: RunConfig, quiet: bool = False, project: Path = PROJE
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-config", default="", help="overrides, e.g. \"num-rounds=5 lora-rank=4\"")
+    parser.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 lora-rank=4"')
     parser.add_argument("--quiet", action="store_true", help="print only the final report line")
     args = parser.parse_args(argv)
     started = time.time()
@@ -233,17 +256,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedcl: error: {err}", file=sys.stderr)
         return 2
     privacy = f"DP at epsilon {config.target_epsilon}" if config.dp else "no DP"
-    print(f"fedcl: {config.num_sites} sites, {config.total_rounds} rounds ({config.probe_phase_rounds} probe, "
-          f"{config.num_rounds} LoRA), {privacy}, dataset {config.dataset}, "
-          f"run directory {config.output_dir}", flush=True)
+    print(
+        f"fedcl: {config.num_sites} sites, {config.total_rounds} rounds ({config.probe_phase_rounds} probe, "
+        f"{config.num_rounds} LoRA), {privacy}, dataset {config.dataset}, "
+        f"run directory {config.output_dir}",
+        flush=True,
+    )
     try:
         run_dir = run_simulation(config, quiet=args.quiet)
     except RuntimeError as err:
         print(f"fedcl: error: {err}", file=sys.stderr)
         return 1
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    print(f"fedcl: done in {time.time() - started:.0f} s: final mean accuracy {summary['accuracy']:.3f}; "
-          f"report {run_dir / 'summary.json'}", flush=True)
+    print(
+        f"fedcl: done in {time.time() - started:.0f} s: final mean accuracy {summary['accuracy']:.3f}; "
+        f"report {run_dir / 'summary.json'}",
+        flush=True,
+    )
     return 0
 
 

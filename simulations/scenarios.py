@@ -36,7 +36,7 @@ def assign_sites(labels: np.ndarray, groups: list[str] | None, config: RunConfig
     if config.partition == "group":
         if groups is None:
             raise ConfigError(
-                f"config key 'partition' = 'group': the dataset has no group column; set group-column "
+                "config key 'partition' = 'group': the dataset has no group column; set group-column "
                 "to a column that names each example's site (e.g. 'source' for MedQuAD)"
             )
         counts = Counter(groups)

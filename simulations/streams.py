@@ -42,8 +42,9 @@ to skip it.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class ExperiencePlan:
         return {"kind": self.kind, "unit": self.unit, "members": [list(m) for m in self.members]}
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ExperiencePlan":
+    def from_dict(cls, raw: dict[str, Any]) -> ExperiencePlan:
         """Inverse of :meth:`to_dict`."""
         return cls(str(raw["kind"]), str(raw["unit"]), tuple(tuple(str(n) for n in m) for m in raw["members"]))
 
@@ -125,7 +126,7 @@ def parse_groups(spec: str, key: str = "stream-groups") -> list[list[str]]:
     for number, part in enumerate(spec.split(";"), start=1):
         names = [name.strip() for name in part.split(",")]
         if not part.strip() or any(not name for name in names):
-            _fail(key, spec, f"group {number} is empty or has an empty name; write groups like \"a,b;c,d;e\"")
+            _fail(key, spec, f'group {number} is empty or has an empty name; write groups like "a,b;c,d;e"')
         groups.append(names)
     return groups
 
@@ -154,7 +155,11 @@ def plan_experiences(
         _fail("num-experiences", num_experiences, "use 0 (derived from the groups) or a positive number")
     if kind == "none":
         if groups.strip() or num_experiences > 1:
-            _fail("stream", kind, "stream-groups and num-experiences need stream = class-incremental or domain-incremental")
+            _fail(
+                "stream",
+                kind,
+                "stream-groups and num-experiences need stream = class-incremental or domain-incremental",
+            )
         return ExperiencePlan(kind, "label", (tuple(data.label_names),))
     if kind == "domain-incremental" and unit != "group":
         _fail("stream-by", unit, "domain-incremental experiences are values of the group column; set stream-by = group")
@@ -170,16 +175,22 @@ def plan_experiences(
     if groups.strip():
         chosen = _checked_groups(parse_groups(groups), names, what)
         if num_experiences not in (0, len(chosen)):
-            _fail("num-experiences", num_experiences,
-                  f"stream-groups defines {len(chosen)} experiences; set num-experiences = 0 or {len(chosen)}")
+            _fail(
+                "num-experiences",
+                num_experiences,
+                f"stream-groups defines {len(chosen)} experiences; set num-experiences = 0 or {len(chosen)}",
+            )
         return ExperiencePlan(kind, unit, tuple(tuple(g) for g in chosen))
     if num_experiences == 0:
         if unit == "label":
             _fail("num-experiences", 0, "with stream-by = label give num-experiences >= 1 or explicit stream-groups")
         num_experiences = len(names)
     if num_experiences > len(names):
-        _fail("num-experiences", num_experiences,
-              f"only {len(names)} {what}s to split; use num-experiences <= {len(names)}")
+        _fail(
+            "num-experiences",
+            num_experiences,
+            f"only {len(names)} {what}s to split; use num-experiences <= {len(names)}",
+        )
     parts = seeded_partition(len(names), num_experiences, seed)
     return ExperiencePlan(kind, unit, tuple(tuple(names[i] for i in part) for part in parts))
 
@@ -203,8 +214,9 @@ def seeded_partition(count: int, parts: int, seed: int) -> list[list[int]]:
 
     sizes = [count // parts + (1 if i < count % parts else 0) for i in range(parts)]
     items = torch.arange(count)
-    dataset = AvalancheDataset([TensorDataset(items, items)],
-                               data_attributes=[DataAttribute(items.tolist(), "targets")])
+    dataset = AvalancheDataset(
+        [TensorDataset(items, items)], data_attributes=[DataAttribute(items.tolist(), "targets")]
+    )
     with torch.random.fork_rng(devices=[]):
         benchmark = class_incremental_benchmark({"train": dataset}, num_classes_per_exp=sizes, seed=seed)
     return [sorted(int(c) for c in exp.dataset.targets.uniques) for exp in benchmark.train_stream]
@@ -252,17 +264,26 @@ def _checked_groups(groups: list[list[str]], known: list[str], what: str) -> lis
         unknown = [name for name in group if name not in known_set]
         if unknown:
             shown = ", ".join(known[:_SHOWN_NAMES]) + (" ..." if len(known) > _SHOWN_NAMES else "")
-            _fail("stream-groups", ";".join(",".join(g) for g in groups),
-                  f"group {number} names unknown {what}s {unknown}; known {what}s: {shown}")
+            _fail(
+                "stream-groups",
+                ";".join(",".join(g) for g in groups),
+                f"group {number} names unknown {what}s {unknown}; known {what}s: {shown}",
+            )
         for name in group:
             if name in seen:
-                _fail("stream-groups", ";".join(",".join(g) for g in groups),
-                      f"{what} {name!r} is in group {seen[name]} and group {number}; put it in exactly one group")
+                _fail(
+                    "stream-groups",
+                    ";".join(",".join(g) for g in groups),
+                    f"{what} {name!r} is in group {seen[name]} and group {number}; put it in exactly one group",
+                )
             seen[name] = number
     left_out = [name for name in known if name not in seen]
     if left_out:
-        _fail("stream-groups", ";".join(",".join(g) for g in groups),
-              f"{what}s {left_out[:_SHOWN_NAMES]} are in no group; add each to one group")
+        _fail(
+            "stream-groups",
+            ";".join(",".join(g) for g in groups),
+            f"{what}s {left_out[:_SHOWN_NAMES]} are in no group; add each to one group",
+        )
     return groups
 
 
@@ -275,9 +296,12 @@ def _check_labels_follow_groups(data: LabelledTexts) -> None:
     split = {data.label_names[label]: sorted(g) for label, g in groups_of.items() if len(g) > 1}
     if split:
         name, where = next(iter(split.items()))
-        _fail("stream-by", "group",
-              f"label {name!r} occurs in groups {where} ({len(split)} such labels), so groups do not split the labels; "
-              "use stream = domain-incremental, or stream-by = label")
+        _fail(
+            "stream-by",
+            "group",
+            f"label {name!r} occurs in groups {where} ({len(split)} such labels), so groups do not split the labels; "
+            "use stream = domain-incremental, or stream-by = label",
+        )
 
 
 def _fail(key: str, value: Any, fix: str) -> None:

@@ -9,8 +9,9 @@ A pair shares the text around the marker, e.g. ``...query.lora_A.default.weight`
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -41,8 +42,10 @@ def example_weights(updates: Sequence[SiteUpdate]) -> np.ndarray:
     """Normalised weights proportional to each update's number of examples."""
     counts = np.array([u.num_examples for u in updates], dtype=np.float64)
     if len(counts) == 0 or counts.sum() <= 0:
-        raise ValueError("cannot weight updates: no update has a positive number of examples; "
-                         "each reply must report its num-examples (> 0)")
+        raise ValueError(
+            "cannot weight updates: no update has a positive number of examples; "
+            "each reply must report its num-examples (> 0)"
+        )
     return counts / counts.sum()
 
 
@@ -82,8 +85,10 @@ def common_names(updates: Sequence[SiteUpdate]) -> list[str]:
     for update in updates[1:]:
         if set(update.arrays) != names:
             diff = sorted(names.symmetric_difference(update.arrays))[:3]
-            raise ValueError(f"site {update.site!r} sent other tensors than {updates[0].site!r} ({diff}); "
-                             "wrap the aggregator in RobustAggregator to drop malformed replies")
+            raise ValueError(
+                f"site {update.site!r} sent other tensors than {updates[0].site!r} ({diff}); "
+                "wrap the aggregator in RobustAggregator to drop malformed replies"
+            )
     return sorted(names)
 
 

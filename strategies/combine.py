@@ -9,7 +9,7 @@ site could otherwise buy influence by claiming more examples.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ def trimmed_mean(stack: np.ndarray, weights: np.ndarray, fraction: float = 0.1) 
     if cut == 0:
         return stack.mean(axis=0, dtype=np.float64).astype(np.float32)
     part = np.partition(_columns(stack), [cut, n - cut - 1], axis=1)
-    middle = part[:, cut:n - cut].mean(axis=1, dtype=np.float64)
+    middle = part[:, cut : n - cut].mean(axis=1, dtype=np.float64)
     return middle.reshape(stack.shape[1:]).astype(np.float32)
 
 

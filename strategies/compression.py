@@ -20,8 +20,8 @@ numpy bytes (data plus its .npy header) plus the length of its name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -52,7 +52,9 @@ def _difference(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
     return {n: np.asarray(v, dtype=np.float32) - np.asarray(reference[n], dtype=np.float32) for n, v in arrays.items()}
 
 
-def encode_arrays(arrays: Mapping[str, np.ndarray], codec: str, reference: Mapping[str, np.ndarray] | None = None) -> Arrays:
+def encode_arrays(
+    arrays: Mapping[str, np.ndarray], codec: str, reference: Mapping[str, np.ndarray] | None = None
+) -> Arrays:
     """``arrays`` (minus ``reference`` when given) encoded by ``codec`` for an ArrayRecord."""
     if codec not in CODECS:
         raise ValueError(f"unknown compression {codec!r}: use one of {', '.join(CODECS)}")

@@ -44,7 +44,7 @@ server optimisers (FedAdam, FedYogi) do not compose with this aggregator.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -73,8 +73,8 @@ def mean_product(b_stack: np.ndarray, a_stack: np.ndarray, weights: np.ndarray, 
     a_stack = a_stack.astype(np.float32)
     total = np.zeros((out, a_stack.shape[2]))
     for start in range(0, n, block):
-        b_wide = weighted[start:start + block].transpose(1, 0, 2).reshape(out, -1)
-        total += b_wide @ a_stack[start:start + block].reshape(-1, a_stack.shape[2])
+        b_wide = weighted[start : start + block].transpose(1, 0, 2).reshape(out, -1)
+        total += b_wide @ a_stack[start : start + block].reshape(-1, a_stack.shape[2])
     return total
 
 
@@ -132,8 +132,10 @@ class ExactAggregator:
         for a_name, b_name in pairs:
             a_stack, b_stack = stacked(updates, a_name), stacked(updates, b_name)
             if a_stack.ndim != 3 or b_stack.ndim != 3 or a_stack.shape[1] != b_stack.shape[2]:
-                raise ValueError(f"{a_name} {a_stack.shape[1:]} and {b_name} {b_stack.shape[1:]} are not "
-                                 "LoRA factors of one rank: A must be (r, in) and B (out, r)")
+                raise ValueError(
+                    f"{a_name} {a_stack.shape[1:]} and {b_name} {b_stack.shape[1:]} are not "
+                    "LoRA factors of one rank: A must be (r, in) and B (out, r)"
+                )
             key = residual_name(a_name)
             target = mean_product(b_stack, a_stack, weights)
             carried = self.residuals.get(key)
@@ -159,5 +161,8 @@ class ExactAggregator:
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore the residuals saved by :meth:`state_dict`."""
-        self.residuals = {k[len(STATE_PREFIX):]: np.asarray(v, dtype=np.float64)
-                          for k, v in state.items() if k.startswith(STATE_PREFIX)}
+        self.residuals = {
+            k[len(STATE_PREFIX) :]: np.asarray(v, dtype=np.float64)
+            for k, v in state.items()
+            if k.startswith(STATE_PREFIX)
+        }

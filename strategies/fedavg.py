@@ -12,7 +12,7 @@ alternatives. The combine rule can be swapped for a robust one
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

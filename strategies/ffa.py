@@ -18,7 +18,7 @@ ever sends A, the result has no A tensors and every site keeps its seeded one.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -54,8 +54,10 @@ class FFAAggregator:
         trainable = ffa_trainable_names(updates[0].arrays)
         for update in updates[1:]:
             if ffa_trainable_names(update.arrays) != trainable:
-                raise ValueError(f"site {update.site!r} sent other B/head tensors than {updates[0].site!r}; "
-                                 "wrap the aggregator in RobustAggregator to drop malformed replies")
+                raise ValueError(
+                    f"site {update.site!r} sent other B/head tensors than {updates[0].site!r}; "
+                    "wrap the aggregator in RobustAggregator to drop malformed replies"
+                )
         frozen = {n: np.asarray(v) for n, v in current.items() if is_lora_a(n)}
         if not frozen:
             first = next((u for u in updates if ffa_frozen_names(u.arrays)), None)

@@ -9,7 +9,7 @@ experiences, so classes released earlier are kept unchanged. No torch.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -28,8 +28,10 @@ class ClassSumAggregator:
             raise ValueError("no updates to aggregate: pass at least one SiteUpdate")
         for update in updates:
             if set(update.arrays) != {SUMS}:
-                raise ValueError(f"site {update.site!r} sent {sorted(update.arrays)[:3]}; a nearest-class-mean "
-                                 f"release carries exactly one array, {SUMS!r}")
+                raise ValueError(
+                    f"site {update.site!r} sent {sorted(update.arrays)[:3]}; a nearest-class-mean "
+                    f"release carries exactly one array, {SUMS!r}"
+                )
         first = np.asarray(updates[0].arrays[SUMS], dtype=np.float64)
         total = ClassSums(np.array(current[SUMS], dtype=np.float64) if SUMS in current else np.zeros_like(first))
         for update in updates:

@@ -10,8 +10,8 @@ class mean, so counts are not needed. Rows that no site has released yet
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -24,7 +24,7 @@ class ClassSums:
     released: set[int] = field(default_factory=set)
 
     @classmethod
-    def empty(cls, num_classes: int, dim: int) -> "ClassSums":
+    def empty(cls, num_classes: int, dim: int) -> ClassSums:
         """No class released yet."""
         if num_classes < 1 or dim < 1:
             raise ValueError(f"need at least one class and one feature dimension, got {num_classes} x {dim}")
@@ -48,7 +48,9 @@ class ClassSums:
         self.released.update(int(r) for r in rows)
 
 
-def predict_nearest_class(features: np.ndarray, class_sums: np.ndarray, classes: Sequence[int] | None = None) -> np.ndarray:
+def predict_nearest_class(
+    features: np.ndarray, class_sums: np.ndarray, classes: Sequence[int] | None = None
+) -> np.ndarray:
     """For each feature row, the class (among ``classes``, default all) with the highest cosine to its sum."""
     features = np.asarray(features, dtype=np.float64)
     class_sums = np.asarray(class_sums, dtype=np.float64)

@@ -9,8 +9,8 @@ the robustly combined pseudo-gradient.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from functools import partial
-from typing import Collection
 
 from strategies.aggregation import Aggregator
 from strategies.combine import Combine, check_trim_fraction, coordinate_median, trimmed_mean, weighted_mean
@@ -41,10 +41,19 @@ def _combine(robust: str, trim_fraction: float) -> Combine:
     return weighted_mean
 
 
-def build_aggregator(name: str, *, robust: str = "none", server_optimizer: str = "none", server_lr: float = 1e-2,
-                     known_sites: Collection[str] | None = None, max_update_norm: float | None = None,
-                     max_norm_ratio: float | None = 10.0, clip_norm: float | None = None,
-                     trim_fraction: float = 0.1, residual: str = "carry") -> Aggregator:
+def build_aggregator(
+    name: str,
+    *,
+    robust: str = "none",
+    server_optimizer: str = "none",
+    server_lr: float = 1e-2,
+    known_sites: Collection[str] | None = None,
+    max_update_norm: float | None = None,
+    max_norm_ratio: float | None = 10.0,
+    clip_norm: float | None = None,
+    trim_fraction: float = 0.1,
+    residual: str = "carry",
+) -> Aggregator:
     """The aggregator ``name`` (fedavg, ffa, exact) with the robust mode and server optimiser asked for.
 
     robust: ``none``; ``validate`` (drop bad replies); ``clip`` (validate, then clip every update's
@@ -59,11 +68,15 @@ def build_aggregator(name: str, *, robust: str = "none", server_optimizer: str =
     _choose("robust mode", robust, ROBUST_MODES)
     _choose("server optimiser", server_optimizer, SERVER_OPTIMIZER_CHOICES)
     if name == "exact" and robust in ("median", "trimmed-mean"):
-        raise ValueError(f"robust={robust!r} does not apply to exact (it averages products B_i A_i, not tensors): "
-                         "use robust='validate' or 'clip' with exact, or a median with fedavg or ffa")
+        raise ValueError(
+            f"robust={robust!r} does not apply to exact (it averages products B_i A_i, not tensors): "
+            "use robust='validate' or 'clip' with exact, or a median with fedavg or ffa"
+        )
     if name == "exact" and server_optimizer != "none":
-        raise ValueError("a server optimiser does not compose with exact (its factors change basis every round): "
-                         "use server_optimizer='none' with exact, or adam/yogi with fedavg or ffa")
+        raise ValueError(
+            "a server optimiser does not compose with exact (its factors change basis every round): "
+            "use server_optimizer='none' with exact, or adam/yogi with fedavg or ffa"
+        )
     if robust == "clip" and clip_norm is None:
         raise ValueError("robust='clip' needs clip_norm: pass a positive bound on each update's L2 norm")
     combine = _combine(robust, trim_fraction)
@@ -77,8 +90,13 @@ def build_aggregator(name: str, *, robust: str = "none", server_optimizer: str =
     if server_optimizer != "none":
         aggregator = ServerOptimizer(aggregator, method=server_optimizer, lr=server_lr)
     if robust != "none":
-        aggregator = RobustAggregator(aggregator, known_sites=known_sites, max_update_norm=max_update_norm,
-                                      max_norm_ratio=max_norm_ratio, clip_norm=clip_norm)
+        aggregator = RobustAggregator(
+            aggregator,
+            known_sites=known_sites,
+            max_update_norm=max_update_norm,
+            max_norm_ratio=max_norm_ratio,
+            clip_norm=clip_norm,
+        )
     return aggregator
 
 

@@ -34,7 +34,8 @@ puts the two together.
 from __future__ import annotations
 
 import logging
-from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,7 +62,9 @@ def _median_reference(updates: Sequence[SiteUpdate], names: Sequence[str]) -> Ar
     return {n: coordinate_median(np.stack([u.arrays[n] for u in updates]), weights) for n in names}
 
 
-def _clipped(update: SiteUpdate, reference: Mapping[str, np.ndarray], names: Sequence[str], factor: float) -> SiteUpdate:
+def _clipped(
+    update: SiteUpdate, reference: Mapping[str, np.ndarray], names: Sequence[str], factor: float
+) -> SiteUpdate:
     arrays = dict(update.arrays)
     for name in names:
         arrays[name] = (reference[name] + factor * (arrays[name] - reference[name])).astype(arrays[name].dtype)
@@ -71,11 +74,23 @@ def _clipped(update: SiteUpdate, reference: Mapping[str, np.ndarray], names: Seq
 class RobustAggregator:
     """Validates every reply, drops the bad ones with a reason, optionally clips, then aggregates the rest."""
 
-    def __init__(self, inner: Aggregator, *, known_sites: Collection[str] | None = None, spec: Spec | None = None,
-                 max_update_norm: float | None = None, max_norm_ratio: float | None = 10.0,
-                 clip_norm: float | None = None, max_examples: int | None = None) -> None:
-        for label, value in (("max_update_norm", max_update_norm), ("max_norm_ratio", max_norm_ratio),
-                             ("clip_norm", clip_norm), ("max_examples", max_examples)):
+    def __init__(
+        self,
+        inner: Aggregator,
+        *,
+        known_sites: Collection[str] | None = None,
+        spec: Spec | None = None,
+        max_update_norm: float | None = None,
+        max_norm_ratio: float | None = 10.0,
+        clip_norm: float | None = None,
+        max_examples: int | None = None,
+    ) -> None:
+        for label, value in (
+            ("max_update_norm", max_update_norm),
+            ("max_norm_ratio", max_norm_ratio),
+            ("clip_norm", clip_norm),
+            ("max_examples", max_examples),
+        ):
             if value is not None and not value > 0:
                 raise ValueError(f"{label} must be positive, got {value}: use a positive bound or None for no bound")
         self.inner = inner
@@ -111,8 +126,9 @@ class RobustAggregator:
                 valid.append(update)
         return valid
 
-    def _within_bounds(self, valid: list[SiteUpdate], reference: Mapping[str, np.ndarray],
-                       names: list[str]) -> list[SiteUpdate]:
+    def _within_bounds(
+        self, valid: list[SiteUpdate], reference: Mapping[str, np.ndarray], names: list[str]
+    ) -> list[SiteUpdate]:
         norms = {u.site: update_norm(u.arrays, reference, names) for u in valid}
         self.last_update_norms = norms
         typical = _lower_median(list(norms.values())) if len(norms) >= 3 else 0.0
@@ -122,8 +138,9 @@ class RobustAggregator:
             if self.max_update_norm is not None and not norm <= self.max_update_norm:
                 self._reject(update, f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g}")
             elif self.max_norm_ratio is not None and typical > 0 and not norm <= self.max_norm_ratio * typical:
-                self._reject(update, f"update norm {norm:.4g} exceeds {self.max_norm_ratio:g} x the median "
-                                     f"norm {typical:.4g}")
+                self._reject(
+                    update, f"update norm {norm:.4g} exceeds {self.max_norm_ratio:g} x the median norm {typical:.4g}"
+                )
             elif self.clip_norm is not None and norm > self.clip_norm:
                 self.last_clipped.append(update.site)
                 accepted.append(_clipped(update, reference, names, self.clip_norm / norm))

@@ -25,7 +25,7 @@ Flower does not restore strategy state on resume: :meth:`state_dict` and
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -37,8 +37,15 @@ SERVER_OPTIMIZERS = ("adam", "yogi")
 class ServerOptimizer:
     """Applies FedAdam or FedYogi to the pseudo-gradient an inner aggregator produces."""
 
-    def __init__(self, inner: Aggregator, method: str = "adam", lr: float = 1e-2, beta1: float = 0.9,
-                 beta2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(
+        self,
+        inner: Aggregator,
+        method: str = "adam",
+        lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+    ) -> None:
         if method not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown server optimiser {method!r}: use one of {', '.join(SERVER_OPTIMIZERS)}")
         if lr <= 0 or tau <= 0:
@@ -76,8 +83,11 @@ class ServerOptimizer:
     def state_dict(self) -> Arrays:
         """The moments (keys ``m/<name>`` and ``v/<name>``) and the inner aggregator's state, for a checkpoint."""
         inner = getattr(self.inner, "state_dict", dict)()
-        return {**inner, **{f"m/{k}": v.copy() for k, v in self.m.items()},
-                **{f"v/{k}": v.copy() for k, v in self.v.items()}}
+        return {
+            **inner,
+            **{f"m/{k}": v.copy() for k, v in self.m.items()},
+            **{f"v/{k}": v.copy() for k, v in self.v.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore what :meth:`state_dict` saved."""

@@ -11,9 +11,10 @@ round so the server can write one row per site. No torch here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -21,14 +22,21 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedcl.protocol import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, SITE_RECORD, to_numpy, to_record
 from strategies.aggregation import Aggregator, Arrays, SiteUpdate
 from strategies.compression import Compression
 from strategies.wire import WireFormat
 
-from fedcl.protocol import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, SITE_RECORD, to_numpy, to_record
-
-__all__ = ["ARRAYS_RECORD", "CONFIG_RECORD", "METRICS_RECORD", "SITE_RECORD", "SiteReply", "SiteStrategy",
-           "to_numpy", "to_record"]
+__all__ = [
+    "ARRAYS_RECORD",
+    "CONFIG_RECORD",
+    "METRICS_RECORD",
+    "SITE_RECORD",
+    "SiteReply",
+    "SiteStrategy",
+    "to_numpy",
+    "to_record",
+]
 
 
 @dataclass
@@ -80,9 +88,13 @@ def aggregation_diagnostics(aggregator: Aggregator) -> dict[str, float]:
 class SiteStrategy(FedAvg):
     """FedAvg's round loop with a pluggable numpy aggregator and per-site reply records."""
 
-    def __init__(self, aggregator: Aggregator, num_sites: int,
-                 round_config: Callable[[int], dict[str, Any]] | None = None,
-                 compression: Compression | None = None) -> None:
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        num_sites: int,
+        round_config: Callable[[int], dict[str, Any]] | None = None,
+        compression: Compression | None = None,
+    ) -> None:
         super().__init__(min_train_nodes=num_sites, min_evaluate_nodes=num_sites, min_available_nodes=num_sites)
         self.aggregator = aggregator
         self.round_config = round_config or (lambda server_round: {})
@@ -152,11 +164,13 @@ class SiteStrategy(FedAvg):
         self.round_diagnostics[server_round] = diagnostics
         total = sum(u.num_examples for u, _ in accepted) or 1
         mean_loss = sum(u.num_examples * r.metrics.get("train-loss", 0.0) for u, r in accepted) / total
-        return to_record(self.current), MetricRecord({"train-loss": float(mean_loss), "sites-trained": len(accepted),
-                                                      "sites-rejected": diagnostics["rejected"]})
+        return to_record(self.current), MetricRecord(
+            {"train-loss": float(mean_loss), "sites-trained": len(accepted), "sites-rejected": diagnostics["rejected"]}
+        )
 
-    def _apply_checks(self, server_round: int, pending: list[tuple[SiteUpdate, SiteReply]]
-                      ) -> list[tuple[SiteUpdate, SiteReply]]:
+    def _apply_checks(
+        self, server_round: int, pending: list[tuple[SiteUpdate, SiteReply]]
+    ) -> list[tuple[SiteUpdate, SiteReply]]:
         """Mark the replies the aggregator rejected; note update norms and clipping; return the accepted ones."""
         norms = getattr(self.aggregator, "last_update_norms", {})
         clipped = set(getattr(self.aggregator, "last_clipped", []))

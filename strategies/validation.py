@@ -8,7 +8,7 @@ global arrays when it has them, otherwise the spec most replies agree on.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 

@@ -15,7 +15,7 @@ The client side of the same convention is ``client/update_codec.py``. No torch.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

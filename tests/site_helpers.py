@@ -27,19 +27,32 @@ def runtime_of(flat: dict, site: int = 0):
 
 def policy_of(flat: dict, state_dir: Path, **keys: Any) -> SitePolicy:
     """The policy a site with node config ``keys`` (default: the run's own proposal) would read."""
-    proposal = {"dp": flat.get("dp", True), "target-epsilon": flat.get("target-epsilon", 8.0),
-                "delta": flat.get("delta", 1e-5)}
+    proposal = {
+        "dp": flat.get("dp", True),
+        "target-epsilon": flat.get("target-epsilon", 8.0),
+        "delta": flat.get("delta", 1e-5),
+    }
     return site_policy(node_config(state_dir, **{**proposal, **keys}), environ={})
 
 
-def run_round(runtime, server_round: int, state_dir: Path, flat: dict | None = None, noise=None,
-              round_config: dict | None = None, **policy: Any) -> RoundResult:
+def run_round(
+    runtime,
+    server_round: int,
+    state_dir: Path,
+    flat: dict | None = None,
+    noise=None,
+    round_config: dict | None = None,
+    **policy: Any,
+) -> RoundResult:
     """One training round as the ClientApp runs it, with the server's usual round config."""
     from client.continual import stream_context
 
     schedule = stream_context(runtime).schedule
-    config = round_config if round_config is not None else {"server-round": server_round,
-                                                            **schedule.round_config(server_round)}
+    config = (
+        round_config
+        if round_config is not None
+        else {"server-round": server_round, **schedule.round_config(server_round)}
+    )
     flat = flat if flat is not None else runtime.config.to_flat()
     return site_round(runtime, policy_of(flat, state_dir, **policy), open_state(Path(state_dir)), config, noise=noise)
 

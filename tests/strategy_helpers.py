@@ -15,8 +15,9 @@ def lora_name(layer: int, module: str, factor: str) -> str:
     return f"base_model.model.bert.encoder.layer.{layer}.attention.self.{module}.lora_{factor}.default.weight"
 
 
-def random_adapter(rng: np.random.Generator, layers: int = 2, out: int = 12, inp: int = 10, rank: int = 4,
-                   classes: int = 3) -> Arrays:
+def random_adapter(
+    rng: np.random.Generator, layers: int = 2, out: int = 12, inp: int = 10, rank: int = 4, classes: int = 3
+) -> Arrays:
     """Random float32 LoRA factors on query and value of ``layers`` layers, plus a head."""
     arrays: Arrays = {}
     for layer in range(layers):

@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
 def test_ruff_finds_nothing(command):
-    done = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, f"ruff {' '.join(command)}: run `make format`\n{done.stdout[-3000:]}{done.stderr[-1000:]}"
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", *command], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, (
+        f"ruff {' '.join(command)}: run `make format`\n{done.stdout[-3000:]}{done.stderr[-1000:]}"
+    )

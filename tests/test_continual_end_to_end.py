@@ -13,12 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.integration
 def test_a_private_stream_with_replay_ewc_and_a_late_site_runs_end_to_end(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = (f"model='{tiny_model_dir}' num-sites=2 stream='class-incremental' num-experiences=2 "
-                 "probe-rounds=1 probe-steps=3 probe-batch-size=8 num-rounds=0 max-length=32 max-train-examples=120 "
-                 "max-test-examples=20 replay-size=6 ewc-lambda=10.0 ewc-importance-batches=2 accountant='rdp' "
-                 f"site-offsets='0,1' output-dir='{run_dir}'")
-    done = subprocess.run([sys.executable, "-m", "simulations.run", "--run-config", overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    overrides = (
+        f"model='{tiny_model_dir}' num-sites=2 stream='class-incremental' num-experiences=2 "
+        "probe-rounds=1 probe-steps=3 probe-batch-size=8 num-rounds=0 max-length=32 max-train-examples=120 "
+        "max-test-examples=20 replay-size=6 ewc-lambda=10.0 ewc-importance-batches=2 accountant='rdp' "
+        f"site-offsets='0,1' output-dir='{run_dir}'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--run-config", overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

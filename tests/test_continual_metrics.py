@@ -52,7 +52,8 @@ def test_forgetting_and_bwt_match_avalanche_metric_objects():
     lower = [list(full[i, : i + 1]) for i in range(size)]
     forgetting, bwt = Forgetting(), BWT()
     for i in range(size):
-        forgetting.reset_last(); bwt.reset_last()
+        forgetting.reset_last()
+        bwt.reset_last()
         stream_values, bwt_values = [], []
         for j in range(size):  # the whole evaluation stream, as Avalanche evaluates it
             for metric in (forgetting, bwt):
@@ -63,7 +64,8 @@ def test_forgetting_and_bwt_match_avalanche_metric_objects():
         assert average_forgetting(lower, after=i) == pytest.approx(np.mean(stream_values) if stream_values else 0.0)
         assert backward_transfer(lower, after=i) == pytest.approx(np.mean(bwt_values) if bwt_values else 0.0)
         assert experience_forgetting(lower, after=i) == pytest.approx(
-            {j: functional_forgetting(full)[i, j] for j in range(i)})
+            {j: functional_forgetting(full)[i, j] for j in range(i)}
+        )
 
 
 def test_federated_matrix_from_counts_and_missing_test_data():

@@ -21,10 +21,24 @@ from simulations.run import prepare_config, pyproject_defaults
 
 
 def flat_config(model_dir, **keys) -> dict:
-    return {**pyproject_defaults(), "model": str(model_dir), "num-sites": 2, "stream": "class-incremental",
-            "num-experiences": 2, "probe-rounds": 1, "probe-steps": 3, "probe-batch-size": 8, "num-rounds": 0,
-            "max-length": 32, "max-train-examples": 40, "max-test-examples": 20,
-            "noise-multiplier": 1.0, "batch-size": 8, "local-steps": 2, **keys}
+    return {
+        **pyproject_defaults(),
+        "model": str(model_dir),
+        "num-sites": 2,
+        "stream": "class-incremental",
+        "num-experiences": 2,
+        "probe-rounds": 1,
+        "probe-steps": 3,
+        "probe-batch-size": 8,
+        "num-rounds": 0,
+        "max-length": 32,
+        "max-train-examples": 40,
+        "max-test-examples": 20,
+        "noise-multiplier": 1.0,
+        "batch-size": 8,
+        "local-steps": 2,
+        **keys,
+    }
 
 
 def distance(arrays: dict, anchor: dict) -> float:
@@ -37,10 +51,21 @@ def test_a_real_round_under_dp_with_ewc_passes_the_penalty(tiny_model_dir, tmp_p
     import client.site_round as site_round_module
 
     # lambda x learning rate / (1 - momentum) x importance stays below 2: the penalty pulls, never overshoots
-    recipe = ({"probe-rounds": 1, "num-rounds": 0, "ewc-lambda": 5.0} if phase == "probe"
-              else {"recipe": "lora", "num-rounds": 1, "ewc-lambda": 50.0})
-    flat = flat_config(tiny_model_dir, **{"learning-rate": 0.05, "probe-learning-rate": 0.1,
-                                          "noise-multiplier": 0.0, "target-epsilon": 50.0, **recipe})
+    recipe = (
+        {"probe-rounds": 1, "num-rounds": 0, "ewc-lambda": 5.0}
+        if phase == "probe"
+        else {"recipe": "lora", "num-rounds": 1, "ewc-lambda": 50.0}
+    )
+    flat = flat_config(
+        tiny_model_dir,
+        **{
+            "learning-rate": 0.05,
+            "probe-learning-rate": 0.1,
+            "noise-multiplier": 0.0,
+            "target-epsilon": 50.0,
+            **recipe,
+        },
+    )
     runtime = runtime_of(flat)
     assert run_round(runtime, 1, tmp_path / "a").status == "trained"
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -54,6 +79,7 @@ def test_a_real_round_under_dp_with_ewc_passes_the_penalty(tiny_model_dir, tmp_p
         def wrapped(named):
             calls.append(1)
             return term(named)
+
         return wrapped
 
     def zero(*args, **kwargs):
@@ -76,8 +102,10 @@ def test_ledger_counts_replayed_records_and_exactly_the_importance_steps(tiny_mo
     """Same schedule and noise, EWC on vs off: the histories differ by the importance batches and nothing else."""
     ledgers, nominal = {}, 0
     for lam in (0.0, 10.0):
-        flat = flat_config(tiny_model_dir, **{"ewc-lambda": lam, "replay-size": 6, "ewc-importance-batches": 4,
-                                              "noise-multiplier": 3.0})
+        flat = flat_config(
+            tiny_model_dir,
+            **{"ewc-lambda": lam, "replay-size": 6, "ewc-importance-batches": 4, "noise-multiplier": 3.0},
+        )
         runtime, folder = runtime_of(flat), tmp_path / f"lambda-{lam}"
         for server_round in (1, 2):
             result = run_round(runtime, server_round, folder)
@@ -142,8 +170,12 @@ def write_csv(path, rows) -> None:
 def skewed_csv(tmp_path):
     """Site A holds labels x and y only; site B all three: experience "z" is empty at site A."""
     words = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta", "iota kappa"]
-    rows = [(f"{words[i % 5]} {label} {i}", label, site) for site, labels in (("A", "xy"), ("B", "xyz"))
-            for label in labels for i in range(10)]
+    rows = [
+        (f"{words[i % 5]} {label} {i}", label, site)
+        for site, labels in (("A", "xy"), ("B", "xyz"))
+        for label in labels
+        for i in range(10)
+    ]
     path = tmp_path / "skewed.csv"
     write_csv(path, rows)
     return path
@@ -152,9 +184,16 @@ def skewed_csv(tmp_path):
 def test_an_empty_experience_runs_noise_only_steps_never_a_data_dependent_skip(tiny_model_dir, tmp_path, capsys):
     from client.head_features import head_module
 
-    keys = {"dataset": str(skewed_csv(tmp_path)), "label-column": "label", "group-column": "site",
-            "partition": "group", "stream-groups": "x,y;z", "num-experiences": 0, "max-train-examples": 0,
-            "max-test-examples": 0}
+    keys = {
+        "dataset": str(skewed_csv(tmp_path)),
+        "label-column": "label",
+        "group-column": "site",
+        "partition": "group",
+        "stream-groups": "x,y;z",
+        "num-experiences": 0,
+        "max-train-examples": 0,
+        "max-test-examples": 0,
+    }
     flat = flat_config(tiny_model_dir, **keys, **{"noise-multiplier": 0.0})
     prepare_config(dict(keys, model=str(tiny_model_dir), stream="class-incremental", **{"num-sites": 2}), tmp_path)
     assert "site-1 has no training records in experience(s) [1]" in capsys.readouterr().err  # site-1 is group A
@@ -171,17 +210,28 @@ def test_an_empty_experience_runs_noise_only_steps_never_a_data_dependent_skip(t
     assert ledger.total_steps == 6
 
 
-@pytest.mark.parametrize("keys, words", [
-    ({"replay-size": 10_000}, "replay-size.*only .* training records"),
-    ({"stream-groups": "business,sport;nonsense"}, "unknown labels"),
-    ({"num-experiences": 9}, "num-experiences"),
-])
+@pytest.mark.parametrize(
+    "keys, words",
+    [
+        ({"replay-size": 10_000}, "replay-size.*only .* training records"),
+        ({"stream-groups": "business,sport;nonsense"}, "unknown labels"),
+        ({"num-experiences": 9}, "num-experiences"),
+    ],
+)
 def test_bad_stream_input_stops_in_preflight_with_the_fix(tiny_model_dir, tmp_path, keys, words):
     from fedcl.run_config import ConfigError
 
     with pytest.raises(ConfigError, match=words):
-        prepare_config({"model": str(tiny_model_dir), "stream": "class-incremental", "num-experiences": 2,
-                        "max-train-examples": 40, **keys}, tmp_path)
+        prepare_config(
+            {
+                "model": str(tiny_model_dir),
+                "stream": "class-incremental",
+                "num-experiences": 2,
+                "max-train-examples": 40,
+                **keys,
+            },
+            tmp_path,
+        )
 
 
 def test_ncm_release_once_per_experience_in_the_ledger_and_summed_by_the_server(tiny_model_dir, tmp_path):
@@ -211,8 +261,19 @@ def test_reply_keys_under_dp_are_the_allow_list_for_stream_replay_and_ewc_rounds
 
     flat = flat_config(tiny_model_dir, **{"replay-size": 6, "ewc-lambda": 5.0, "noise-multiplier": 0.0})
     runtime = runtime_of(flat)
-    base = {"num-examples", "experience", "train-steps", "delta", "noise-multiplier", "max-grad-norm", "sample-rate",
-            "epsilon", "dp-steps-total", "stopped-for-budget", "target-epsilon"}
+    base = {
+        "num-examples",
+        "experience",
+        "train-steps",
+        "delta",
+        "noise-multiplier",
+        "max-grad-norm",
+        "sample-rate",
+        "epsilon",
+        "dp-steps-total",
+        "stopped-for-budget",
+        "target-epsilon",
+    }
     first, second = run_round(runtime, 1, tmp_path), run_round(runtime, 2, tmp_path)  # 2: replay + EWC importances
     assert set(first.metrics) == base and set(second.metrics) == base | {"ewc-importance-steps"}
     assert set(reply_metrics(second, dp=True)) == set(second.metrics)
@@ -223,12 +284,17 @@ def test_server_builds_the_accuracy_matrix_from_site_counts(tmp_path):
     from server.continual_run import ContinualRun
     from strategies.site_strategy import SiteReply
 
-    config = parse_run_config({"stream": "class-incremental", "num-experiences": 2, "probe-rounds": 1,
-                               "num-rounds": 0, "num-sites": 2})
+    config = parse_run_config(
+        {"stream": "class-incremental", "num-experiences": 2, "probe-rounds": 1, "num-rounds": 0, "num-sites": 2}
+    )
     run = ContinualRun(config, tmp_path)
-    counts = {1: [{"exp-0-correct": 8, "exp-0-total": 10}, {"exp-0-correct": 10, "exp-0-total": 10}],
-              2: [{"exp-0-correct": 4, "exp-0-total": 10, "exp-1-correct": 9, "exp-1-total": 10},
-                  {"exp-0-correct": 6, "exp-0-total": 10, "exp-1-correct": 7, "exp-1-total": 10}]}
+    counts = {
+        1: [{"exp-0-correct": 8, "exp-0-total": 10}, {"exp-0-correct": 10, "exp-0-total": 10}],
+        2: [
+            {"exp-0-correct": 4, "exp-0-total": 10, "exp-1-correct": 9, "exp-1-total": 10},
+            {"exp-0-correct": 6, "exp-0-total": 10, "exp-1-correct": 7, "exp-1-total": 10},
+        ],
+    }
     for server_round, replies in counts.items():
         run.on_round_end(server_round, [SiteReply(f"site-{i}", "evaluated", metrics=m) for i, m in enumerate(replies)])
     summary = run.summary()
@@ -259,13 +325,26 @@ def test_probe_rounds_train_only_the_rows_of_classes_seen_so_far(tiny_model_dir,
 
 def test_fixed_importance_noise_is_planned_as_fixed_steps_and_the_site_stays_within_budget(tiny_model_dir, tmp_path):
     """ewc-importance-noise > 0: the importance batches use it, the calibrated DP-SGD noise covers the rest."""
-    flat = flat_config(tiny_model_dir, **{"ewc-lambda": 5.0, "ewc-importance-noise": 6.0, "noise-multiplier": 0.0,
-                                          "ewc-importance-batches": 3, "max-train-examples": 120, "partition": "iid"})
+    flat = flat_config(
+        tiny_model_dir,
+        **{
+            "ewc-lambda": 5.0,
+            "ewc-importance-noise": 6.0,
+            "noise-multiplier": 0.0,
+            "ewc-importance-batches": 3,
+            "max-train-examples": 120,
+            "partition": "iid",
+        },
+    )
     runtime = runtime_of(flat)
     for server_round in (1, 2):
         assert run_round(runtime, server_round, tmp_path).status == "trained"
     ledger = PrivacyLedger.load(tmp_path / "privacy_ledger.json")
-    assert ledger.history[1] == (6.0, ledger.history[1][1], 3)  # after experience 0's probe round, before experience 1's
+    assert ledger.history[1] == (
+        6.0,
+        ledger.history[1][1],
+        3,
+    )  # after experience 0's probe round, before experience 1's
     assert ledger.history[0][0] != 6.0 and 8.0 - 0.2 <= ledger.epsilon() <= 8.0
 
 

@@ -57,7 +57,7 @@ def clipped_sum_by_loop(head: nn.Module, features: torch.Tensor, labels: torch.T
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     norms = []
     for i in range(len(labels)):
-        grads = torch.autograd.grad(F.cross_entropy(head(features[i:i + 1]), labels[i:i + 1]), params)
+        grads = torch.autograd.grad(F.cross_entropy(head(features[i : i + 1]), labels[i : i + 1]), params)
         flat = torch.cat([g.reshape(-1) for g in grads]).double()
         norms.append(float(flat.norm()))
         total += flat * min(1.0, clip / (norms[-1] + 1e-6))  # Opacus' clip factor
@@ -84,8 +84,9 @@ def test_update_noise_has_std_sigma_c_over_expected_batch(noise: NoiseSource) ->
     head = RecordingHead(DIM, CLASSES)
     reference = clipped_sum_by_loop(head.linear, features, labels, clip)
     before = flat_parameters(head)
-    outcome = train_private_features(head, features, labels, SgdMechanism(sigma, 1.0, 1, clip, expected_batch), 1.0,
-                                     noise)
+    outcome = train_private_features(
+        head, features, labels, SgdMechanism(sigma, 1.0, 1, clip, expected_batch), 1.0, noise
+    )
     assert outcome.steps == 1 and head.batch_sizes == [16]
     residual = (before - flat_parameters(head)).double() - reference / expected_batch
     assert_std(residual, sigma * clip / expected_batch)
@@ -98,8 +99,9 @@ def test_without_noise_the_update_is_the_loops_clipped_sum_over_the_expected_bat
     head = RecordingHead(DIM, CLASSES)
     reference = clipped_sum_by_loop(head.linear, features, labels, clip)
     before = flat_parameters(head)
-    train_private_features(head, features, labels, SgdMechanism(0.0, 1.0, 1, clip, expected_batch), 1.0,
-                           NoiseSource.seeded(0))
+    train_private_features(
+        head, features, labels, SgdMechanism(0.0, 1.0, 1, clip, expected_batch), 1.0, NoiseSource.seeded(0)
+    )
     update = (before - flat_parameters(head)).double()
     torch.testing.assert_close(update, reference / expected_batch, rtol=1e-4, atol=1e-7)
 
@@ -133,12 +135,14 @@ def test_zero_records_run_every_step_as_pure_noise_of_the_right_std() -> None:
     mechanism = sgd_mechanism(0.8, 8, 100, 3, 2.0)
     head = RecordingHead(DIM, CLASSES)
     before = flat_parameters(head)
-    outcome = train_private_features(head, torch.zeros(0, DIM), torch.zeros(0, dtype=torch.long), mechanism, 1.0,
-                                     NoiseSource.seeded(6))
+    outcome = train_private_features(
+        head, torch.zeros(0, DIM), torch.zeros(0, dtype=torch.long), mechanism, 1.0, NoiseSource.seeded(6)
+    )
     assert outcome.steps == 3 and head.batch_sizes == []
     update = before - flat_parameters(head)
-    assert_std(update, math.sqrt(3) * mechanism.noise_multiplier * mechanism.max_grad_norm
-               / mechanism.expected_batch_size)
+    assert_std(
+        update, math.sqrt(3) * mechanism.noise_multiplier * mechanism.max_grad_norm / mechanism.expected_batch_size
+    )
 
 
 def test_secure_source_draws_standard_gaussians_and_two_sources_differ() -> None:
@@ -162,8 +166,9 @@ def test_seeded_sources_reproduce_and_noise_is_the_hardened_sum_of_four_draws() 
     assert not torch.equal(NoiseSource.seeded(9).gaussian((50,), 1.0), NoiseSource.seeded(10).gaussian((50,), 1.0))
     draws = NoiseSource.seeded(11)
     by_hand = sum(draws.standard_normal(30) for _ in range(SECURE_TERMS)) * (SECURE_SCALE * 3.0)
-    torch.testing.assert_close(NoiseSource.seeded(11).gaussian((5, 6), 3.0, dtype=torch.float64),
-                               by_hand.reshape(5, 6), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        NoiseSource.seeded(11).gaussian((5, 6), 3.0, dtype=torch.float64), by_hand.reshape(5, 6), rtol=0, atol=1e-12
+    )
     assert torch.equal(NoiseSource.seeded(1).gaussian((4,), 0.0), torch.zeros(4))
     with pytest.raises(ValueError, match="seed"):
         NoiseSource.seeded(-1)

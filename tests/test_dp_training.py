@@ -28,11 +28,19 @@ def tiny_model(seed: int = 0, pooling: str = "model") -> torch.nn.Module:
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, num_labels=LABELS,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # deterministic forward for comparisons
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=LABELS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,  # deterministic forward for comparisons
     )
-    base = BertForSequenceClassification(config) if pooling == "model" else MeanPooledClassifier(BertModel(config), LABELS)
+    base = (
+        BertForSequenceClassification(config) if pooling == "model" else MeanPooledClassifier(BertModel(config), LABELS)
+    )
     model = get_peft_model(base, LoraConfig(**lora_settings(RunConfig())))
     with torch.no_grad():  # LoRA B starts at zero, which makes every LoRA A gradient zero: move it off zero
         for name, param in model.named_parameters():
@@ -89,8 +97,12 @@ def fingerprint(model: torch.nn.Module) -> dict[str, object]:
     seen: dict[str, object] = {}
     for name, module in model.named_modules():
         seen[f"module {name}"] = (
-            sorted(module.__dict__), len(module._forward_hooks), len(module._forward_pre_hooks),
-            len(module._backward_hooks), module._is_full_backward_hook, module.training,
+            sorted(module.__dict__),
+            len(module._forward_hooks),
+            len(module._forward_pre_hooks),
+            len(module._backward_hooks),
+            module._is_full_backward_hook,
+            module.training,
         )
     for name, param in model.named_parameters():
         seen[f"param {name}"] = (sorted(param.__dict__), param.grad is None, param.requires_grad)
@@ -123,8 +135,9 @@ def test_no_noise_and_unbounded_clip_equals_one_plain_step(optimizer: str) -> No
     """Sample rate 1 (batch = all 8 records), sigma 0, huge clip: DP-SGD is the plain optimiser step."""
     data, lr = tiny_data(records=8), 0.05
     private, plain = tiny_model(), tiny_model()
-    outcome = train_private(private, data, mechanism(0.0, 8, 8, 1, UNBOUNDED_CLIP), lr, NoiseSource.seeded(0),
-                            optimizer=optimizer)
+    outcome = train_private(
+        private, data, mechanism(0.0, 8, 8, 1, UNBOUNDED_CLIP), lr, NoiseSource.seeded(0), optimizer=optimizer
+    )
     assert outcome.mean_batch_size == 8
     params = [p for p in plain.parameters() if p.requires_grad]
     step = torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else torch.optim.SGD(params, lr=lr)
@@ -142,8 +155,9 @@ def test_no_noise_and_unbounded_clip_equals_one_plain_step_for_features() -> Non
     features, labels = torch.randn(10, 6, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 3
     private, plain = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
     plain.load_state_dict(private.state_dict())
-    train_private_features(private, features, labels, mechanism(0.0, 10, 10, 1, UNBOUNDED_CLIP), 0.3,
-                           NoiseSource.seeded(0))
+    train_private_features(
+        private, features, labels, mechanism(0.0, 10, 10, 1, UNBOUNDED_CLIP), 0.3, NoiseSource.seeded(0)
+    )
     F.cross_entropy(plain(features), labels).backward()
     torch.optim.SGD(plain.parameters(), lr=0.3).step()
     torch.testing.assert_close(private.state_dict(), plain.state_dict(), rtol=1e-5, atol=1e-7)
@@ -173,8 +187,15 @@ def test_extra_gradient_is_added_after_clipping_and_noise() -> None:
 
 def test_extra_gradient_with_unknown_name_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown parameters"):
-        train_private_features(torch.nn.Linear(4, 2), torch.randn(8, 4), torch.arange(8) % 2, mechanism(1.0, 4, 8, 1),
-                               0.1, NoiseSource.seeded(0), extra_gradient=lambda named: {"nope": torch.zeros(1)})
+        train_private_features(
+            torch.nn.Linear(4, 2),
+            torch.randn(8, 4),
+            torch.arange(8) % 2,
+            mechanism(1.0, 4, 8, 1),
+            0.1,
+            NoiseSource.seeded(0),
+            extra_gradient=lambda named: {"nope": torch.zeros(1)},
+        )
 
 
 def test_seeded_runs_reproduce_and_seeds_differ() -> None:
@@ -193,8 +214,9 @@ def test_empty_poisson_batches_are_noise_only_steps_that_count() -> None:
     """Expected batch 1: a third of the 30 batches are empty (seeded, so certainly some)."""
     head = torch.nn.Linear(4, 2)
     start = head.weight.detach().clone()
-    outcome = train_private_features(head, torch.randn(1000, 4), torch.arange(1000) % 2, mechanism(1.0, 1, 1000, 30),
-                                     0.1, NoiseSource.seeded(3))
+    outcome = train_private_features(
+        head, torch.randn(1000, 4), torch.arange(1000) % 2, mechanism(1.0, 1, 1000, 30), 0.1, NoiseSource.seeded(3)
+    )
     assert outcome.steps == 30
     assert torch.isfinite(head.weight).all() and not torch.equal(head.weight, start)
 
@@ -208,8 +230,9 @@ def test_private_linear_probe_learns_separable_features() -> None:
     features = features / features.norm(dim=1, keepdim=True)
     head = torch.nn.Linear(16, 3)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    outcome = train_private_features(head, features, labels, mechanism(1.0, 64, 600, 60), 0.5, NoiseSource.seeded(0),
-                                     momentum=0.9)
+    outcome = train_private_features(
+        head, features, labels, mechanism(1.0, 64, 600, 60), 0.5, NoiseSource.seeded(0), momentum=0.9
+    )
     with torch.no_grad():
         accuracy = float((head(features).argmax(dim=1) == labels).float().mean())
     assert accuracy > 0.9
@@ -225,14 +248,21 @@ def test_zero_steps_change_nothing_and_report_zero() -> None:
 
 
 @pytest.mark.parametrize(("sigma", "clip", "fixed"), [(1.0, 1.0, True), (0.0, UNBOUNDED_CLIP, False)])
-def test_private_batches_keep_the_full_padded_length_and_plain_ones_trim(sigma: float, clip: float,
-                                                                         fixed: bool) -> None:
+def test_private_batches_keep_the_full_padded_length_and_plain_ones_trim(
+    sigma: float, clip: float, fixed: bool
+) -> None:
     """Step time must not depend on the batch's longest record under DP; plain training may trim."""
     generator = torch.Generator().manual_seed(0)
     data = tiny_data(records=24)
     short = (torch.arange(LENGTH)[None, :] < 4).long().expand(24, LENGTH).clone()  # every record 4 tokens long
-    data = Encoded({"input_ids": data.inputs["input_ids"] * short, "attention_mask": short,
-                    "token_type_ids": torch.zeros_like(short)}, torch.randint(0, LABELS, (24,), generator=generator))
+    data = Encoded(
+        {
+            "input_ids": data.inputs["input_ids"] * short,
+            "attention_mask": short,
+            "token_type_ids": torch.zeros_like(short),
+        },
+        torch.randint(0, LABELS, (24,), generator=generator),
+    )
     model, widths = tiny_model(), []
     hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
     try:
@@ -263,8 +293,12 @@ def test_nonsense_settings_are_rejected_before_training(change: dict, message: s
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"max_grad_norm": 0.0}, "max_grad_norm"), ({"noise_multiplier": -1.0}, "noise multiplier"),
-     ({"steps": -1}, "steps"), ({"nominal_records": 0}, "nominal records")],
+    [
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"noise_multiplier": -1.0}, "noise multiplier"),
+        ({"steps": -1}, "steps"),
+        ({"nominal_records": 0}, "nominal records"),
+    ],
 )
 def test_nonsense_mechanisms_cannot_be_built(change: dict, message: str) -> None:
     settings = dict(noise_multiplier=1.0, expected_batch=6, nominal_records=24, steps=1, max_grad_norm=1.0) | change

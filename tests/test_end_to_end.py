@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from export_checks import assert_adapter_reproduces_summary
 
@@ -16,11 +15,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_flwr_run_writes_a_complete_run_directory(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     # Two rounds: one private probe round (head on cached features), one private LoRA round.
-    overrides = (f"model='{tiny_model_dir}' num-sites=2 probe-rounds=1 probe-steps=3 probe-batch-size=8 "
-                 f"num-rounds=1 local-steps=2 batch-size=8 max-length=32 "
-                 f"max-train-examples=24 max-test-examples=12 output-dir='{run_dir}'")
-    done = subprocess.run([sys.executable, "-m", "simulations.run", "--run-config", overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    overrides = (
+        f"model='{tiny_model_dir}' num-sites=2 probe-rounds=1 probe-steps=3 probe-batch-size=8 "
+        f"num-rounds=1 local-steps=2 batch-size=8 max-length=32 "
+        f"max-train-examples=24 max-test-examples=12 output-dir='{run_dir}'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--run-config", overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

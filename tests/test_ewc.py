@@ -141,12 +141,12 @@ def loop_importance(model: nn.Module, batches, clip: float | None, expected: flo
     for inputs, labels in batches:
         for i in range(len(labels)):
             model.zero_grad()
-            one = {k: v[i:i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i:i + 1]
+            one = {k: v[i : i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i : i + 1]
             out = model(**one) if isinstance(one, dict) else model(one)
             logits = getattr(out, "logits", out)
-            nn.functional.cross_entropy(logits, labels[i:i + 1], reduction="sum").backward()
+            nn.functional.cross_entropy(logits, labels[i : i + 1], reduction="sum").backward()
             grads = {n: p.grad.detach().double().numpy() for n, p in params.items()}
-            norm = np.sqrt(sum(float(np.sum(g ** 2)) for g in grads.values()))
+            norm = np.sqrt(sum(float(np.sum(g**2)) for g in grads.values()))
             factor = 1.0 if clip is None else min(1.0, clip / (norm + 1e-6))
             for n, g in grads.items():
                 totals[n] += (g * factor) ** 2
@@ -178,8 +178,12 @@ def test_importance_matches_a_one_example_loop_on_a_lora_bert(tiny_model_dir, cl
     batches = []
     for size in (5, 0, 3):  # a Poisson sampler can yield an empty batch
         ids = torch.randint(1000, 5000, (size, 10), generator=generator)
-        batches.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                        torch.randint(0, 5, (size,), generator=generator)))
+        batches.append(
+            (
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                torch.randint(0, 5, (size,), generator=generator),
+            )
+        )
     model.train()
     mechanism = SgdMechanism(0.0, 0.4, 3, UNBOUNDED_CLIP if clip is None else clip, 0.4 * 10)
     estimate = estimate_importance(model, batches, mechanism, NoiseSource.seeded(0))
@@ -221,8 +225,9 @@ def test_importances_cost_extra_epsilon_at_the_same_training_schedule():
 
     model = small_model()
     x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
-    estimate = estimate_importance(model, [(x[:8], y[:8]), (x[8:14], y[8:14])], SgdMechanism(3.0, 0.1, 2, 1.0, 6.4),
-                                   NoiseSource.seeded(0))
+    estimate = estimate_importance(
+        model, [(x[:8], y[:8]), (x[8:14], y[8:14])], SgdMechanism(3.0, 0.1, 2, 1.0, 6.4), NoiseSource.seeded(0)
+    )
     training = [(1.0, 0.1, 200)]  # noise multiplier, sample rate, steps
     for mechanism in ("prv", "rdp"):
         without, with_importance = create_accountant(mechanism), create_accountant(mechanism)
@@ -245,9 +250,15 @@ def dp_sgd_run(ewc_lambda: float, state: EwcState, anchor: dict[str, np.ndarray]
         head.bias.copy_(torch.from_numpy(anchor["bias"]))
     generator = torch.Generator().manual_seed(0)
     features, labels = torch.randn(128, 8, generator=generator), torch.randint(0, 3, (128,), generator=generator)
-    train_private_features(head, features, labels, SgdMechanism(1.0, 16 / 128, 20, 1.0, 16.0), 0.5,
-                           NoiseSource.seeded(7),
-                           extra_gradient=functools.partial(state.penalty_gradient, ewc_lambda=ewc_lambda))
+    train_private_features(
+        head,
+        features,
+        labels,
+        SgdMechanism(1.0, 16 / 128, 20, 1.0, 16.0),
+        0.5,
+        NoiseSource.seeded(7),
+        extra_gradient=functools.partial(state.penalty_gradient, ewc_lambda=ewc_lambda),
+    )
     return anchor_arrays(head)
 
 
@@ -259,8 +270,10 @@ def test_under_dp_sgd_the_penalty_gradient_changes_the_update_and_holds_the_anch
     free, held = dp_sgd_run(0.0, state, anchor), dp_sgd_run(1.0, state, anchor)
     again = dp_sgd_run(0.0, state, anchor)
     assert all(np.array_equal(free[k], again[k]) for k in anchor)  # same seed, same noise: only lambda differs
-    distance = {name: sum(float(np.sum((run[k] - anchor[k]) ** 2)) for k in anchor)
-                for name, run in (("free", free), ("held", held))}
+    distance = {
+        name: sum(float(np.sum((run[k] - anchor[k]) ** 2)) for k in anchor)
+        for name, run in (("free", free), ("held", held))
+    }
     assert any(not np.array_equal(free[k], held[k]) for k in anchor)
     assert distance["held"] < 0.5 * distance["free"]
 

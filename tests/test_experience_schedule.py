@@ -29,10 +29,21 @@ def test_each_experience_runs_the_whole_recipe_and_late_sites_add_slots():
 def test_round_config_counts_the_rounds_left_in_the_slot_and_carries_the_experience():
     plan = schedule()
     first, third = plan.round_config(4, '{"plan": 1}'), plan.round_config(6)
-    assert first == {"phase": "probe", "plan-probe-rounds": 2, "plan-lora-rounds": 1, "experience": 1,
-                     "experience-round": 0, "num-experiences": 3, "experience-plan": '{"plan": 1}'}
+    assert first == {
+        "phase": "probe",
+        "plan-probe-rounds": 2,
+        "plan-lora-rounds": 1,
+        "experience": 1,
+        "experience-round": 0,
+        "num-experiences": 3,
+        "experience-plan": '{"plan": 1}',
+    }
     assert (third["phase"], third["plan-probe-rounds"], third["plan-lora-rounds"], third["experience-round"]) == (
-        "lora", 0, 1, 2)
+        "lora",
+        0,
+        1,
+        2,
+    )
 
 
 def test_joint_is_one_slot_as_long_as_the_stream_and_ncm_one_round_per_experience():
@@ -50,16 +61,19 @@ def test_bad_offsets_name_the_key_and_the_fix(text, sites):
     assert parse_offsets("", 2) == (0, 0) and parse_offsets(" 1, 0", 2) == (1, 0)
 
 
-@pytest.mark.parametrize("keys, words", [
-    ({"replay-size": 10}, "replay-size.*needs a stream"),
-    ({"ewc-lambda": 1.0}, "ewc-lambda.*needs a stream"),
-    ({"stream": "class-incremental", "joint": True, "site-offsets": "0,0,1"}, "site-offsets.*joint"),
-    ({"recipe": "ncm", "stream": "class-incremental", "replay-size": 5}, "replay-size.*nearest-class-mean"),
-    ({"stream": "task-incremental"}, "stream.*none, class-incremental"),
-    ({"stream": "class-incremental", "replay-policy": "fifo"}, "replay-policy.*bernoulli"),
-    ({"stream": "class-incremental", "ewc-decay": 0.0}, "ewc-decay"),
-    ({"stream": "class-incremental", "ewc-importance-batches": 0}, "ewc-importance-batches"),
-])
+@pytest.mark.parametrize(
+    "keys, words",
+    [
+        ({"replay-size": 10}, "replay-size.*needs a stream"),
+        ({"ewc-lambda": 1.0}, "ewc-lambda.*needs a stream"),
+        ({"stream": "class-incremental", "joint": True, "site-offsets": "0,0,1"}, "site-offsets.*joint"),
+        ({"recipe": "ncm", "stream": "class-incremental", "replay-size": 5}, "replay-size.*nearest-class-mean"),
+        ({"stream": "task-incremental"}, "stream.*none, class-incremental"),
+        ({"stream": "class-incremental", "replay-policy": "fifo"}, "replay-policy.*bernoulli"),
+        ({"stream": "class-incremental", "ewc-decay": 0.0}, "ewc-decay"),
+        ({"stream": "class-incremental", "ewc-importance-batches": 0}, "ewc-importance-batches"),
+    ],
+)
 def test_conflicting_stream_keys_are_refused_with_the_fix(keys, words):
     with pytest.raises(ConfigError, match=words):
         parse_run_config(keys)

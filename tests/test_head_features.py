@@ -7,11 +7,17 @@ import torch
 
 from client.head_features import adapter_fingerprint, evaluate_head, head_inputs, head_module
 from client.local_training import encode, evaluate
-from fedcl.model_factory import load_adapter_model, trainable_arrays
+from fedcl.model_factory import load_adapter_model
 from fedcl.run_config import RunConfig
 
-TEXTS = ["markets fell sharply", "the match ended in a draw", "new phone released", "election results are in",
-         "film wins award", "shares rallied"]
+TEXTS = [
+    "markets fell sharply",
+    "the match ended in a draw",
+    "new phone released",
+    "election results are in",
+    "film wins award",
+    "shares rallied",
+]
 LABELS = np.array([0, 3, 4, 2, 1, 0])
 
 

@@ -43,8 +43,13 @@ def test_absent_label_column_is_named(capsys, tmp_path, monkeypatch):
 
 
 def test_no_traceback_from_the_command_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "simulations.run", "--run-config", "lora-rank=0"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--run-config", "lora-rank=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr + done.stdout
     assert "fedcl: error: config key 'lora-rank' = 0" in done.stderr

@@ -32,13 +32,14 @@ def test_only_lora_and_head_are_trainable(tiny_model_dir):
 def test_get_set_round_trip_gives_identical_logits(tiny_model_dir):
     source = load_adapter_model(tiny_config(tiny_model_dir, seed=1), num_labels=5)
     with torch.no_grad():  # move B off zero so the adapter changes the logits
-        for name, param in source.model.named_parameters():
+        for param in source.model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn_like(param))
     arrays = trainable_arrays(source.model)
     target = load_adapter_model(tiny_config(tiny_model_dir, seed=2), num_labels=5)
     inputs = batch(source.tokenizer)
-    source.model.eval(); target.model.eval()
+    source.model.eval()
+    target.model.eval()
     with torch.no_grad():
         before = target.model(**inputs).logits.clone()
         set_trainable_arrays(target.model, arrays)

@@ -25,8 +25,9 @@ def test_without_noise_the_federation_equals_a_plain_numpy_nearest_class_mean():
     sites = [(unit_rows(rng, 30, dim), rng.integers(0, num_classes, 30)) for _ in range(3)]
     total = ClassSums.empty(num_classes, dim)
     for features, labels in sites:
-        release = release_class_sums(class_feature_sums(features, labels, num_classes), range(num_classes), 0.0,
-                                     NoiseSource.seeded(0))
+        release = release_class_sums(
+            class_feature_sums(features, labels, num_classes), range(num_classes), 0.0, NoiseSource.seeded(0)
+        )
         assert release.ledger_steps == (0.0, 1.0, 1)
         total.add(release.sums, release.classes)
     pooled_x = np.concatenate([f for f, _ in sites])
@@ -81,12 +82,15 @@ def test_features_are_mean_pooled_unit_vectors_of_the_frozen_base(tiny_model_dir
     from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    inputs = tokenizer(["a short text", "a much longer text about the heart and the lungs"], padding=True,
-                       return_tensors="pt")
+    inputs = tokenizer(
+        ["a short text", "a much longer text about the heart and the lungs"], padding=True, return_tensors="pt"
+    )
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     torch.manual_seed(0)
-    model = get_peft_model(BertForSequenceClassification.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model = get_peft_model(
+        BertForSequenceClassification.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    )
     with torch.no_grad():  # an adapter that changes the hidden states
         for p in model.parameters():
             if p.requires_grad:
@@ -166,8 +170,9 @@ def test_real_minilm_nearest_class_mean_on_two_clinc150_domains():
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=len(data.label_names))
 
     def embed(indices: list[int]) -> np.ndarray:
-        encoded = tokenizer([data.texts[i] for i in indices], truncation=True, max_length=64, padding=True,
-                            return_tensors="pt")
+        encoded = tokenizer(
+            [data.texts[i] for i in indices], truncation=True, max_length=64, padding=True, return_tensors="pt"
+        )
         return mean_pooled_features(model, {k: v for k, v in encoded.items() if k != "token_type_ids"})
 
     train_x, test_x = embed(train), embed(test)

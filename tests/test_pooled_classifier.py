@@ -12,8 +12,16 @@ def _tiny_encoder():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=32)).eval()
+    return BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    ).eval()
 
 
 def test_logits_equal_the_normalised_mean_of_each_unpadded_example_and_ignore_padding():
@@ -24,7 +32,7 @@ def test_logits_equal_the_normalised_mean_of_each_unpadded_example_and_ignore_pa
         batched = model(input_ids=ids, attention_mask=mask).logits
         for row in range(2):
             length = int(mask[row].sum())
-            hidden = model.encoder(input_ids=ids[row:row + 1, :length]).last_hidden_state[0]  # no padding at all
+            hidden = model.encoder(input_ids=ids[row : row + 1, :length]).last_hidden_state[0]  # no padding at all
             pooled = hidden.mean(dim=0)
             reference = model.classifier(pooled / pooled.norm())
             torch.testing.assert_close(batched[row], reference, rtol=1e-5, atol=1e-6)

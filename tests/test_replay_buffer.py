@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from client.replay_buffer import (BUFFER_FILE, KEY_FILE, REPLAY_POLICIES, ReplayBuffer, check_replay_settings,
-                                  record_ids, training_pool)
+from client.replay_buffer import (
+    BUFFER_FILE,
+    KEY_FILE,
+    REPLAY_POLICIES,
+    ReplayBuffer,
+    check_replay_settings,
+    record_ids,
+    training_pool,
+)
 from client.state_files import save_arrays
 from fedcl.run_config import ConfigError
 
@@ -195,8 +202,11 @@ def test_load_refuses_another_probability_another_key_or_an_old_file(tmp_path):
     with pytest.raises(ValueError, match="another replay key.*restore that key file"):
         ReplayBuffer.load(tmp_path, 0.5)
     old = tmp_path / "old"
-    save_arrays(old / BUFFER_FILE, {"group.0.positions": np.arange(3)},
-                {"fedcl": json.dumps({"format": "fedcl-replay-buffer", "version": 1})})
+    save_arrays(
+        old / BUFFER_FILE,
+        {"group.0.positions": np.arange(3)},
+        {"fedcl": json.dumps({"format": "fedcl-replay-buffer", "version": 1})},
+    )
     with pytest.raises(ValueError, match="not a fedcl replay buffer of version 2.*delete it"):
         ReplayBuffer.load(old, 0.5)
 

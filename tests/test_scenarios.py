@@ -34,9 +34,16 @@ def _label_shares(parts):
 
 def test_dirichlet_skew_is_visible_and_grows_as_alpha_shrinks():
     iid = _label_shares(assign_sites(LABELS, None, RunConfig(partition="iid", num_sites=3)))
-    mild = _label_shares(assign_sites(LABELS, None, RunConfig(partition="dirichlet", dirichlet_alpha=10.0, num_sites=3)))
-    strong = _label_shares(assign_sites(LABELS, None, RunConfig(partition="dirichlet", dirichlet_alpha=0.1, num_sites=3)))
-    spread = lambda shares: np.abs(shares - 0.2).sum(axis=1).mean()  # mean total-variation x2 from uniform
+    mild = _label_shares(
+        assign_sites(LABELS, None, RunConfig(partition="dirichlet", dirichlet_alpha=10.0, num_sites=3))
+    )
+    strong = _label_shares(
+        assign_sites(LABELS, None, RunConfig(partition="dirichlet", dirichlet_alpha=0.1, num_sites=3))
+    )
+
+    def spread(shares):  # mean total-variation x2 from uniform
+        return np.abs(shares - 0.2).sum(axis=1).mean()
+
     assert spread(iid) < 0.15
     assert spread(strong) > spread(mild) > spread(iid)
     assert spread(strong) > 0.8

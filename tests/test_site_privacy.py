@@ -3,6 +3,7 @@ what its replies carry, and restarts. A tiny random BERT on a small topic CSV.""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -15,10 +16,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from site_helpers import forget_process_state, node_config, policy_of, run_round, runtime_of
 
 from client.privacy_ledger import LedgerError, PrivacyLedger
-from client.site_budget import SiteBusyError, open_budget
+from client.site_budget import SiteBusyError
 from client.site_policy import site_policy
-from client.site_state import open_state
-from fedcl.protocol import ARRAYS_RECORD, METRICS_RECORD, SITE_RECORD, DP_TRAIN_METRICS
+from fedcl.protocol import ARRAYS_RECORD, DP_TRAIN_METRICS, METRICS_RECORD, SITE_RECORD
 from fedcl.run_config import ConfigError
 
 WORDS = ["market", "shares", "goal", "match", "vote", "party", "film", "music", "phone", "chip"]
@@ -45,9 +45,20 @@ def csv_dataset(tmp_path: Path) -> Path:
 
 
 def run_config(model_dir: Path, dataset: Path, **overrides) -> dict:
-    flat = {"model": str(model_dir), "dataset": str(dataset), "num-sites": 2, "max-length": 16, "probe-rounds": 3,
-            "probe-steps": 4, "probe-batch-size": 8, "num-rounds": 2, "local-steps": 2, "batch-size": 8,
-            "target-epsilon": 8.0, "partition": "iid"}
+    flat = {
+        "model": str(model_dir),
+        "dataset": str(dataset),
+        "num-sites": 2,
+        "max-length": 16,
+        "probe-rounds": 3,
+        "probe-steps": 4,
+        "probe-batch-size": 8,
+        "num-rounds": 2,
+        "local-steps": 2,
+        "batch-size": 8,
+        "target-epsilon": 8.0,
+        "partition": "iid",
+    }
     flat.update(overrides)
     return flat
 
@@ -94,8 +105,9 @@ def test_the_ledger_prices_a_mixed_history_as_a_fresh_opacus_accountant(tmp_path
 
 
 def test_a_small_budget_stops_the_site_before_it_is_exceeded(tiny_model_dir, csv_dataset, tmp_path):
-    flat = run_config(tiny_model_dir, csv_dataset, **{"noise-multiplier": 2.0, "target-epsilon": 2.0,
-                                                      "probe-rounds": 10})
+    flat = run_config(
+        tiny_model_dir, csv_dataset, **{"noise-multiplier": 2.0, "target-epsilon": 2.0, "probe-rounds": 10}
+    )
     runtime, statuses = runtime_of(flat), []
     for server_round in range(1, 11):
         result = run_round(runtime, server_round, tmp_path)
@@ -110,14 +122,24 @@ def test_a_crafted_server_message_cannot_misprice_a_round(tiny_model_dir, csv_da
     """At ccdc939 phase=probe with plan-probe-rounds=0 was priced at the LoRA rate and trained at the probe rate."""
     flat = run_config(tiny_model_dir, csv_dataset, **{"probe-batch-size": 32})
     runtime = runtime_of(flat)
-    refused = run_round(runtime, 4, tmp_path, round_config={"server-round": 4, "phase": "probe",
-                                                             "plan-probe-rounds": 0, "plan-lora-rounds": 1})
+    refused = run_round(
+        runtime,
+        4,
+        tmp_path,
+        round_config={"server-round": 4, "phase": "probe", "plan-probe-rounds": 0, "plan-lora-rounds": 1},
+    )
     assert refused.status == "refused" and "'probe'" in refused.reason and "'lora'" in refused.reason
     assert not (tmp_path / "privacy_ledger.json").exists()  # refused before anything ran
     statuses = []
     for _ in range(40):  # a server that replays probe round 1 again and again, with a plan that hides it
-        statuses.append(run_round(runtime, 1, tmp_path, round_config={
-            "server-round": 1, "phase": "probe", "plan-probe-rounds": 0, "plan-lora-rounds": 1}).status)
+        statuses.append(
+            run_round(
+                runtime,
+                1,
+                tmp_path,
+                round_config={"server-round": 1, "phase": "probe", "plan-probe-rounds": 0, "plan-lora-rounds": 1},
+            ).status
+        )
     ledger = PrivacyLedger.load(tmp_path / "privacy_ledger.json")
     nominal = len(runtime.data.train)
     assert {rate for _, rate, _ in ledger.history} == {32 / nominal}  # priced at the rate it trained at
@@ -127,17 +149,27 @@ def test_a_crafted_server_message_cannot_misprice_a_round(tiny_model_dir, csv_da
     assert ledger.epsilon() <= 8.0  # the filter holds whatever the server sends
 
 
-@pytest.mark.parametrize("key, proposal, own", [("dp", False, True), ("target-epsilon", 50.0, 8.0),
-                                                ("delta", 1e-3, 1e-5)])
-def test_a_proposal_against_the_sites_policy_is_refused(tiny_model_dir, csv_dataset, tmp_path, key, proposal, own,
-                                                       task_identity):
+@pytest.mark.parametrize(
+    "key, proposal, own", [("dp", False, True), ("target-epsilon", 50.0, 8.0), ("delta", 1e-3, 1e-5)]
+)
+def test_a_proposal_against_the_sites_policy_is_refused(
+    tiny_model_dir, csv_dataset, tmp_path, key, proposal, own, task_identity
+):
     from client.app import train
 
     flat = run_config(tiny_model_dir, csv_dataset, **{key: proposal})
-    message = Message(content=RecordDict({ARRAYS_RECORD: ArrayRecord(), "config": ConfigRecord({"server-round": 1})}),
-                      dst_node_id=1, message_type=MessageType.TRAIN)
-    context = Context(run_id=1, node_id=1, node_config=node_config(tmp_path / "state", **{key: own}),
-                      state=RecordDict(), run_config=flat)
+    message = Message(
+        content=RecordDict({ARRAYS_RECORD: ArrayRecord(), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config=node_config(tmp_path / "state", **{key: own}),
+        state=RecordDict(),
+        run_config=flat,
+    )
     with pytest.raises(ConfigError, match=f"proposes {key} = {proposal!r} but this site's policy .* says {own!r}"):
         train(message, context)
     assert not (tmp_path / "state" / "privacy_ledger.json").exists()
@@ -148,14 +180,24 @@ def test_a_site_needs_its_own_state_directory_and_never_writes_a_server_path(tin
         site_policy({"partition-id": 0, "num-partitions": 2}, environ={})
     flat = run_config(tiny_model_dir, csv_dataset)
     server_path = tmp_path / "server-says"
-    result = run_round(runtime_of(flat), 1, tmp_path / "own", round_config={
-        "server-round": 1, "run-dir": str(server_path), "state-dir": str(server_path), "output-dir": str(server_path)})
+    result = run_round(
+        runtime_of(flat),
+        1,
+        tmp_path / "own",
+        round_config={
+            "server-round": 1,
+            "run-dir": str(server_path),
+            "state-dir": str(server_path),
+            "output-dir": str(server_path),
+        },
+    )
     assert result.status == "trained"
     assert not server_path.exists() and (tmp_path / "own" / "privacy_ledger.json").exists()
 
 
-def test_a_second_training_on_one_state_directory_is_refused_and_no_spend_is_lost(tiny_model_dir, csv_dataset,
-                                                                                 tmp_path, monkeypatch):
+def test_a_second_training_on_one_state_directory_is_refused_and_no_spend_is_lost(
+    tiny_model_dir, csv_dataset, tmp_path, monkeypatch
+):
     import client.site_round as site_round_module
 
     flat = run_config(tiny_model_dir, csv_dataset)
@@ -168,6 +210,7 @@ def test_a_second_training_on_one_state_directory_is_refused_and_no_spend_is_los
                 outcomes["second"] = run_round(runtime_of(flat), 2, tmp_path)
             except SiteBusyError as err:
                 outcomes["second"] = err
+
         thread = threading.Thread(target=second)
         thread.start()
         thread.join()
@@ -204,8 +247,11 @@ def test_a_damaged_ledger_stops_training(tiny_model_dir, csv_dataset, tmp_path, 
     run_round(runtime_of(flat), 1, tmp_path)
     path = tmp_path / "privacy_ledger.json"
     raw = path.read_bytes()
-    damaged = {"truncate": raw[: len(raw) // 2], "edit": raw.replace(b'"history"', b'"history" ', 1).replace(b"4", b"3", 1),
-               "garbage": b"\x00\x01not json"}[damage]
+    damaged = {
+        "truncate": raw[: len(raw) // 2],
+        "edit": raw.replace(b'"history"', b'"history" ', 1).replace(b"4", b"3", 1),
+        "garbage": b"\x00\x01not json",
+    }[damage]
     path.write_bytes(damaged)
     with pytest.raises(LedgerError, match="restore|not a fedcl|checksum|corrupt"):
         run_round(runtime_of(flat), 2, tmp_path)
@@ -234,11 +280,13 @@ def test_sample_rates_come_from_the_sites_public_nominal_size(tiny_model_dir, cs
 
 
 def test_policy_comes_from_node_config_then_the_launcher_then_site_defaults(tmp_path):
-    launcher = '{"state-root": "%s", "policy": {"target-epsilon": 3.0, "dp": true}}' % tmp_path
+    launcher = json.dumps({"state-root": str(tmp_path), "policy": {"target-epsilon": 3.0, "dp": True}})
     policy = site_policy({"partition-id": 1}, environ={"FEDCL_SIMULATION_SITES": launcher})
     assert policy.state_dir == tmp_path / "site-1" and policy.target_epsilon == 3.0 and policy.delta == 1e-5
-    own = site_policy({"partition-id": 1, "state-dir": str(tmp_path / "x"), "target-epsilon": 2.0},
-                      environ={"FEDCL_SIMULATION_SITES": launcher})
+    own = site_policy(
+        {"partition-id": 1, "state-dir": str(tmp_path / "x"), "target-epsilon": 2.0},
+        environ={"FEDCL_SIMULATION_SITES": launcher},
+    )
     assert own.state_dir == tmp_path / "x" and own.target_epsilon == 2.0
     assert site_policy({"state-dir": str(tmp_path)}, environ={}).target_epsilon == 8.0
 
@@ -248,14 +296,28 @@ def test_reply_keys_under_dp_are_the_allow_list(tiny_model_dir, csv_dataset, tmp
     from client.app import train
 
     flat = run_config(tiny_model_dir, csv_dataset)
-    context = Context(run_id=1, node_id=1, node_config=node_config(tmp_path / "state"), state=RecordDict(),
-                      run_config=flat)
-    expected = {"num-examples", "experience", "train-steps", "delta", "noise-multiplier", "max-grad-norm",
-                "sample-rate", "epsilon", "dp-steps-total", "stopped-for-budget", "target-epsilon"}
+    context = Context(
+        run_id=1, node_id=1, node_config=node_config(tmp_path / "state"), state=RecordDict(), run_config=flat
+    )
+    expected = {
+        "num-examples",
+        "experience",
+        "train-steps",
+        "delta",
+        "noise-multiplier",
+        "max-grad-norm",
+        "sample-rate",
+        "epsilon",
+        "dp-steps-total",
+        "stopped-for-budget",
+        "target-epsilon",
+    }
     for server_round in (1, 4):
-        message = Message(content=RecordDict({ARRAYS_RECORD: ArrayRecord(),
-                                              "config": ConfigRecord({"server-round": server_round})}),
-                          dst_node_id=1, message_type=MessageType.TRAIN)
+        message = Message(
+            content=RecordDict({ARRAYS_RECORD: ArrayRecord(), "config": ConfigRecord({"server-round": server_round})}),
+            dst_node_id=1,
+            message_type=MessageType.TRAIN,
+        )
         reply = train(message, context)
         assert dict(reply.content.config_records[SITE_RECORD])["status"] == "trained"
         keys = set(reply.content.metric_records[METRICS_RECORD])

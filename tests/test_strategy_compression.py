@@ -6,9 +6,9 @@ import io
 
 import numpy as np
 import pytest
+from strategy_helpers import random_adapter
 
 from strategies.compression import SCALE_SUFFIX, Compression, decode_arrays, encode_arrays, serialized_bytes
-from strategy_helpers import random_adapter
 
 
 def _npy_bytes(value: np.ndarray) -> int:
@@ -52,8 +52,10 @@ def test_byte_counts_are_the_serialised_message_and_shrink_as_expected() -> None
     print(f"float32 {plain} B, fp16 {fp16} B ({fp16 / plain:.3f}), int8 {int8} B ({int8 / plain:.3f})")
     assert fp16 - sum(_npy_bytes(v.astype(np.float16)) + len(n) for n, v in arrays.items()) == 0
     assert plain - fp16 == data // 2  # headers and names stay, the data halves
-    assert int8 == sum(_npy_bytes(v.astype(np.int8)) + len(n) + _npy_bytes(np.float32(0).reshape(()))
-                       + len(n + SCALE_SUFFIX) for n, v in arrays.items())
+    assert int8 == sum(
+        _npy_bytes(v.astype(np.int8)) + len(n) + _npy_bytes(np.float32(0).reshape(())) + len(n + SCALE_SUFFIX)
+        for n, v in arrays.items()
+    )
 
 
 def test_refusals_name_the_fix() -> None:

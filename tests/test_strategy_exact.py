@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from strategy_helpers import HEAD_B, HEAD_W, lora_name, random_adapter, relative_error, weighted_sum
 
 from strategies.aggregation import SiteUpdate
 from strategies.exact import ExactAggregator, residual_name
 from strategies.fedavg import FedAvgAggregator
-from strategy_helpers import HEAD_B, HEAD_W, lora_name, random_adapter, relative_error, weighted_sum
 
 COUNTS = [10, 20, 30]
 LAYERS = [(layer, module) for layer in range(2) for module in ("query", "value")]
@@ -28,8 +28,11 @@ def _low_rank_sites(rng: np.random.Generator, rank: int = 4, out: int = 12, inp:
 
 
 def _reference_product(updates: list[SiteUpdate], layer: int, module: str) -> np.ndarray:
-    products = [u.arrays[lora_name(layer, module, "B")].astype(np.float64)
-                @ u.arrays[lora_name(layer, module, "A")].astype(np.float64) for u in updates]
+    products = [
+        u.arrays[lora_name(layer, module, "B")].astype(np.float64)
+        @ u.arrays[lora_name(layer, module, "A")].astype(np.float64)
+        for u in updates
+    ]
     return weighted_sum(products, [u.num_examples for u in updates])
 
 
@@ -52,8 +55,10 @@ def test_exact_reproduces_the_weighted_mean_of_products_when_the_rank_allows(res
 def test_fedavg_is_measurably_off_the_mean_of_products_for_non_iid_factors() -> None:
     updates = _low_rank_sites(np.random.default_rng(1))
     fedavg = FedAvgAggregator().aggregate({}, updates)
-    errors = [relative_error(_product(fedavg, layer, module), _reference_product(updates, layer, module))
-              for layer, module in LAYERS]
+    errors = [
+        relative_error(_product(fedavg, layer, module), _reference_product(updates, layer, module))
+        for layer, module in LAYERS
+    ]
     print(f"fedavg relative error against mean(B_i A_i): {np.round(errors, 3)}")  # about 0.5-1 here
     assert min(errors) > 0.05
 

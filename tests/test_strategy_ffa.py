@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from strategy_helpers import HEAD_B, HEAD_W, lora_name, random_adapter, relative_error, weighted_sum
 
 from strategies.aggregation import SiteUpdate
 from strategies.ffa import FFAAggregator, ffa_frozen_names, ffa_trainable_names
-from strategy_helpers import HEAD_B, HEAD_W, lora_name, random_adapter, relative_error, weighted_sum
 
 COUNTS = [5, 15, 40]
 LAYERS = [(layer, module) for layer in range(2) for module in ("query", "value")]
@@ -75,6 +75,6 @@ def test_without_any_a_the_result_has_none_and_sites_keep_their_seeded_a() -> No
 
 def test_name_helpers_split_peft_names() -> None:
     names = list(random_adapter(np.random.default_rng(4)))
-    assert ffa_frozen_names(names) == sorted(lora_name(l, m, "A") for l, m in LAYERS)
-    assert ffa_trainable_names(names) == sorted([lora_name(l, m, "B") for l, m in LAYERS] + [HEAD_W, HEAD_B])
+    assert ffa_frozen_names(names) == sorted(lora_name(layer, m, "A") for layer, m in LAYERS)
+    assert ffa_trainable_names(names) == sorted([lora_name(layer, m, "B") for layer, m in LAYERS] + [HEAD_W, HEAD_B])
     assert FFAAggregator().uploaded_names(names) == ffa_trainable_names(names)

@@ -23,15 +23,18 @@ def test_names_build_their_aggregators() -> None:
     assert build_compression("int8").codec == "int8"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"name": "fedprox"}, "use one of fedavg, ffa, exact"),
-    ({"name": "fedavg", "robust": "krum"}, "use one of"),
-    ({"name": "fedavg", "server_optimizer": "sgd"}, "use one of"),
-    ({"name": "exact", "robust": "median"}, "use robust='validate' or 'clip'"),
-    ({"name": "exact", "server_optimizer": "adam"}, "server_optimizer='none'"),
-    ({"name": "fedavg", "robust": "clip"}, "needs clip_norm"),
-    ({"name": "fedavg", "robust": "trimmed-mean", "trim_fraction": 0.6}, r"\[0, 0.5\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"name": "fedprox"}, "use one of fedavg, ffa, exact"),
+        ({"name": "fedavg", "robust": "krum"}, "use one of"),
+        ({"name": "fedavg", "server_optimizer": "sgd"}, "use one of"),
+        ({"name": "exact", "robust": "median"}, "use robust='validate' or 'clip'"),
+        ({"name": "exact", "server_optimizer": "adam"}, "server_optimizer='none'"),
+        ({"name": "fedavg", "robust": "clip"}, "needs clip_norm"),
+        ({"name": "fedavg", "robust": "trimmed-mean", "trim_fraction": 0.6}, r"\[0, 0.5\)"),
+    ],
+)
 def test_refusals_say_what_to_do(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_aggregator(**kwargs)

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from strategy_helpers import HEAD_B, lora_name, random_adapter, weighted_sum
 
 from strategies.aggregation import SiteUpdate
 from strategies.fedavg import FedAvgAggregator
 from strategies.ffa import FFAAggregator, ffa_trainable_names
 from strategies.robust import RobustAggregator
-from strategy_helpers import HEAD_B, lora_name, random_adapter, weighted_sum
 
 SITES = [f"site-{i}" for i in range(5)]
 COUNTS = [10, 20, 30, 40, 50]
 
 
 def _good(rng: np.random.Generator, current: dict, spread: float = 0.1) -> list[SiteUpdate]:
-    return [SiteUpdate(site, {n: (v + spread * rng.standard_normal(v.shape)).astype(np.float32)
-                              for n, v in current.items()}, count)
-            for site, count in zip(SITES, COUNTS)]
+    return [
+        SiteUpdate(
+            site, {n: (v + spread * rng.standard_normal(v.shape)).astype(np.float32) for n, v in current.items()}, count
+        )
+        for site, count in zip(SITES, COUNTS)
+    ]
 
 
 def _bad(current: dict, good: SiteUpdate) -> list[SiteUpdate]:
@@ -31,14 +34,21 @@ def _bad(current: dict, good: SiteUpdate) -> list[SiteUpdate]:
     missing = {n: v for n, v in good.arrays.items() if n != lora_name(1, "value", "B")}
     scaled = {n: (current[n] + 1e6 * (v - current[n])).astype(np.float32) for n, v in good.arrays.items()}
     dtype = {n: v.astype(np.float64) for n, v in good.arrays.items()}
-    return [SiteUpdate("site-0", nan, 10), SiteUpdate("site-1", shape, 10), SiteUpdate("site-2", missing, 10),
-            SiteUpdate("site-3", scaled, 10), SiteUpdate("site-4", dtype, 10),
-            SiteUpdate("intruder", dict(good.arrays), 10), SiteUpdate("site-0", dict(good.arrays), 10)]
+    return [
+        SiteUpdate("site-0", nan, 10),
+        SiteUpdate("site-1", shape, 10),
+        SiteUpdate("site-2", missing, 10),
+        SiteUpdate("site-3", scaled, 10),
+        SiteUpdate("site-4", dtype, 10),
+        SiteUpdate("intruder", dict(good.arrays), 10),
+        SiteUpdate("site-0", dict(good.arrays), 10),
+    ]
 
 
 def _expected(updates: list[SiteUpdate]) -> dict:
-    return {n: weighted_sum([u.arrays[n] for u in updates], [u.num_examples for u in updates])
-            for n in updates[0].arrays}
+    return {
+        n: weighted_sum([u.arrays[n] for u in updates], [u.num_examples for u in updates]) for n in updates[0].arrays
+    }
 
 
 def test_bad_replies_are_rejected_and_the_aggregate_is_that_of_the_good_ones() -> None:
@@ -69,8 +79,9 @@ def test_a_scaled_reply_in_round_one_is_caught_against_the_median_of_the_replies
     rng = np.random.default_rng(1)
     init = random_adapter(rng)
     good = _good(rng, init)[:4]
-    scaled = SiteUpdate("site-4", {n: (init[n] + 1e6 * (v - init[n])).astype(np.float32)
-                                   for n, v in good[0].arrays.items()}, 50)
+    scaled = SiteUpdate(
+        "site-4", {n: (init[n] + 1e6 * (v - init[n])).astype(np.float32) for n, v in good[0].arrays.items()}, 50
+    )
     robust = RobustAggregator(FedAvgAggregator())
     result = robust.aggregate({}, good + [scaled])
     assert [site for site, _ in robust.last_rejections] == ["site-4"]
@@ -107,8 +118,10 @@ def test_clipping_scales_each_difference_to_the_bound() -> None:
 def test_under_ffa_replies_without_a_pass_and_a_missing_b_does_not() -> None:
     rng = np.random.default_rng(4)
     current = random_adapter(rng)
-    good = [SiteUpdate(u.site, {n: u.arrays[n] for n in ffa_trainable_names(u.arrays)}, u.num_examples)
-            for u in _good(rng, current)]
+    good = [
+        SiteUpdate(u.site, {n: u.arrays[n] for n in ffa_trainable_names(u.arrays)}, u.num_examples)
+        for u in _good(rng, current)
+    ]
     broken = {n: v for n, v in good[0].arrays.items() if n != lora_name(0, "query", "B")}
     robust = RobustAggregator(FFAAggregator())
     result = robust.aggregate(current, good + [SiteUpdate("site-5", broken, 10)])

@@ -13,15 +13,23 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 from flwr.supercore.task_identity import TaskIdentity
+from strategy_helpers import random_adapter
 
-from fedcl.run_config import ATTACKS, COMPRESSIONS, ROBUST_MODES, SERVER_OPTIMIZERS, STRATEGIES, ConfigError, parse_run_config
+from fedcl.run_config import (
+    ATTACKS,
+    COMPRESSIONS,
+    ROBUST_MODES,
+    SERVER_OPTIMIZERS,
+    STRATEGIES,
+    ConfigError,
+    parse_run_config,
+)
 from server.strategy_setup import aggregation_summary, build_strategy
 from strategies import registry
 from strategies.aggregation import SiteUpdate
 from strategies.compression import encode_arrays, serialized_bytes
 from strategies.ffa import ffa_frozen_names, ffa_trainable_names
 from strategies.site_strategy import ARRAYS_RECORD, METRICS_RECORD, SITE_RECORD, to_numpy, to_record
-from strategy_helpers import random_adapter
 
 
 class FakeGrid:
@@ -42,17 +50,25 @@ def task_identity(monkeypatch):
 
 
 def site_reply(instruction: Message, site: str, arrays: dict | None, examples: int = 10) -> Message:
-    content = RecordDict({METRICS_RECORD: MetricRecord({"num-examples": examples, "train-loss": 1.0}),
-                          SITE_RECORD: ConfigRecord({"site": site, "status": "trained", "reason": ""})})
+    content = RecordDict(
+        {
+            METRICS_RECORD: MetricRecord({"num-examples": examples, "train-loss": 1.0}),
+            SITE_RECORD: ConfigRecord({"site": site, "status": "trained", "reason": ""}),
+        }
+    )
     if arrays is not None:
         content[ARRAYS_RECORD] = to_record(arrays)
     return Message(content=content, reply_to=instruction)
 
 
 def instruction(node: int, server_round: int, arrays: ArrayRecord | None = None) -> Message:
-    return Message(content=RecordDict({ARRAYS_RECORD: arrays or ArrayRecord(),
-                                       "config": ConfigRecord({"server-round": server_round})}),
-                   dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(
+        content=RecordDict(
+            {ARRAYS_RECORD: arrays or ArrayRecord(), "config": ConfigRecord({"server-round": server_round})}
+        ),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def test_run_config_choices_are_the_registry_choices():
@@ -63,17 +79,20 @@ def test_run_config_choices_are_the_registry_choices():
     assert ATTACKS == ("none", "scale", "sign-flip")
 
 
-@pytest.mark.parametrize("flat, key, words", [
-    ({"strategy": "exact", "robust": "median"}, "robust", "validate or clip"),
-    ({"strategy": "exact", "server-optimizer": "adam"}, "server-optimizer", "use none"),
-    ({"robust": "clip"}, "max-update-norm", "positive bound"),
-    ({"robust": "none", "max-update-norm": 2.0}, "max-update-norm", "checks nothing"),
-    ({"robust": "trimmed-mean", "num-sites": 3, "trim-fraction": 0.2}, "trim-fraction", "at least"),
-    ({"max-norm-ratio": 0.5}, "max-norm-ratio", "above 1"),
-    ({"compression": "zip"}, "compression", "none, fp16, int8"),
-    ({"attack": "scale", "attack-site": 3}, "attack-site", "0 .. 2"),
-    ({"server-learning-rate": 0.0}, "server-learning-rate", "positive"),
-])
+@pytest.mark.parametrize(
+    "flat, key, words",
+    [
+        ({"strategy": "exact", "robust": "median"}, "robust", "validate or clip"),
+        ({"strategy": "exact", "server-optimizer": "adam"}, "server-optimizer", "use none"),
+        ({"robust": "clip"}, "max-update-norm", "positive bound"),
+        ({"robust": "none", "max-update-norm": 2.0}, "max-update-norm", "checks nothing"),
+        ({"robust": "trimmed-mean", "num-sites": 3, "trim-fraction": 0.2}, "trim-fraction", "at least"),
+        ({"max-norm-ratio": 0.5}, "max-norm-ratio", "above 1"),
+        ({"compression": "zip"}, "compression", "none, fp16, int8"),
+        ({"attack": "scale", "attack-site": 3}, "attack-site", "0 .. 2"),
+        ({"server-learning-rate": 0.0}, "server-learning-rate", "positive"),
+    ],
+)
 def test_conflicting_aggregation_settings_name_key_and_fix(flat, key, words):
     with pytest.raises(ConfigError) as err:
         parse_run_config(flat)
@@ -157,8 +176,11 @@ def test_an_error_reply_is_recorded_as_failed_and_the_round_goes_on():
     strategy = build_strategy(parse_run_config({"num-sites": 3}))
     base = random_adapter(rng)
     sent = [instruction(node, 1) for node in (1, 2, 3)]
-    replies = [site_reply(sent[0], "a", _good(rng, base, list(base))), site_reply(sent[1], "b", _good(rng, base, list(base))),
-               Message(Error(code=0, reason="BudgetError: no noise multiplier fits"), reply_to=sent[2])]
+    replies = [
+        site_reply(sent[0], "a", _good(rng, base, list(base))),
+        site_reply(sent[1], "b", _good(rng, base, list(base))),
+        Message(Error(code=0, reason="BudgetError: no noise multiplier fits"), reply_to=sent[2]),
+    ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics["sites-trained"] == 2
     failed = strategy.train_replies[1][2]
@@ -169,21 +191,36 @@ def test_an_error_reply_is_recorded_as_failed_and_the_round_goes_on():
 
 # --- the client's side, on a tiny random BERT ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def topics_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Sixty short texts in three topics, written once for this module."""
     vocabulary = {"sport": "goal match team", "money": "bank shares market", "music": "song band album"}
-    rows = [f"{vocabulary[topic].split()[i % 3]} {vocabulary[topic]} news {i},{topic}"
-            for i in range(20) for topic in vocabulary]
+    rows = [
+        f"{vocabulary[topic].split()[i % 3]} {vocabulary[topic]} news {i},{topic}"
+        for i in range(20)
+        for topic in vocabulary
+    ]
     path = tmp_path_factory.mktemp("topics") / "topics.csv"
     path.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
     return path
 
 
 def client_config(model_dir: Path, dataset: Path, **overrides) -> dict:
-    flat = {"model": str(model_dir), "dataset": str(dataset), "num-sites": 2, "partition": "iid", "max-length": 16,
-            "max-train-examples": 24, "max-test-examples": 8, "recipe": "lora", "num-rounds": 2, "local-steps": 2,
-            "batch-size": 8, "learning-rate": 0.05}
+    flat = {
+        "model": str(model_dir),
+        "dataset": str(dataset),
+        "num-sites": 2,
+        "partition": "iid",
+        "max-length": 16,
+        "max-train-examples": 24,
+        "max-test-examples": 8,
+        "recipe": "lora",
+        "num-rounds": 2,
+        "local-steps": 2,
+        "batch-size": 8,
+        "learning-rate": 0.05,
+    }
     flat.update(overrides)
     return flat
 
@@ -191,12 +228,16 @@ def client_config(model_dir: Path, dataset: Path, **overrides) -> dict:
 def run_client(flat: dict, message: Message, partition: int, run_dir: Path, server_round: int = 1) -> Message:
     from client.app import train
 
-    message.content["config"] = ConfigRecord({"server-round": server_round, "phase": "lora", "plan-probe-rounds": 0,
-                                             "plan-lora-rounds": 3 - server_round})
-    node_config = {"partition-id": partition, "num-partitions": 2, "state-dir": str(run_dir / f"site-{partition}"),
-                   "dp": flat.get("dp", True)}
-    context = Context(run_id=1, node_id=partition + 1, node_config=node_config,
-                      state=RecordDict(), run_config=flat)
+    message.content["config"] = ConfigRecord(
+        {"server-round": server_round, "phase": "lora", "plan-probe-rounds": 0, "plan-lora-rounds": 3 - server_round}
+    )
+    node_config = {
+        "partition-id": partition,
+        "num-partitions": 2,
+        "state-dir": str(run_dir / f"site-{partition}"),
+        "dp": flat.get("dp", True),
+    }
+    context = Context(run_id=1, node_id=partition + 1, node_config=node_config, state=RecordDict(), run_config=flat)
     return train(message, context)
 
 
@@ -236,7 +277,9 @@ def test_ffa_client_keeps_a_fixed_sends_only_b_and_head_and_does_not_leak(tiny_m
     # Nothing leaks: A is trainable again, and a fedavg run on the same cached model trains and sends A.
     assert all(dict(model.named_parameters())[n].requires_grad for n in frozen)
     assert sorted(trainable_arrays(model)) == sorted(initial)
-    plain = run_client(client_config(tiny_model_dir, topics_csv, strategy="fedavg", dp=False), instruction(1, 1), 1, tmp_path / "b")
+    plain = run_client(
+        client_config(tiny_model_dir, topics_csv, strategy="fedavg", dp=False), instruction(1, 1), 1, tmp_path / "b"
+    )
     sent = to_numpy(plain.content[ARRAYS_RECORD])
     assert sorted(sent) == sorted(initial)
     assert any(not np.array_equal(sent[n], initial[n]) for n in frozen)
@@ -326,11 +369,18 @@ def test_flwr_run_with_ffa_int8_and_an_attacker_rejects_it_and_exports_a(tiny_mo
     import sys
 
     run_dir = tmp_path / "run"
-    overrides = (f"model='{tiny_model_dir}' pooling='model' dataset='{topics_csv}' num-sites=3 partition='iid' "
-                 "recipe='lora' num-rounds=3 local-steps=2 batch-size=8 max-length=16 dp=false strategy='ffa' compression='int8' "
-                 f"attack='scale' attack-site=2 attack-scale=1000.0 output-dir='{run_dir}'")
-    done = subprocess.run([sys.executable, "-m", "simulations.run", "--run-config", overrides],
-                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    overrides = (
+        f"model='{tiny_model_dir}' pooling='model' dataset='{topics_csv}' num-sites=3 partition='iid' "
+        "recipe='lora' num-rounds=3 local-steps=2 batch-size=8 max-length=16 dp=false strategy='ffa' compression='int8' "
+        f"attack='scale' attack-site=2 attack-scale=1000.0 output-dir='{run_dir}'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--run-config", overrides],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     attacker = sorted(r["site"] for r in rows)[-1]
@@ -349,15 +399,20 @@ def test_flwr_run_with_ffa_int8_and_an_attacker_rejects_it_and_exports_a(tiny_mo
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=len(summary["label_names"]),
-                                                              ignore_mismatched_sizes=True)  # a new head
-    assert_adapter_reproduces_summary(PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval(), run_dir, summary)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_model_dir), num_labels=len(summary["label_names"]), ignore_mismatched_sizes=True
+    )  # a new head
+    assert_adapter_reproduces_summary(
+        PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval(), run_dir, summary
+    )
 
 
 def test_the_strategies_and_the_server_setup_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, strategies.registry, strategies.site_strategy, strategies.wire, server.strategy_setup; "
-            "sys.exit('torch' in sys.modules)")
+    code = (
+        "import sys, strategies.registry, strategies.site_strategy, strategies.wire, server.strategy_setup; "
+        "sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent).returncode == 0

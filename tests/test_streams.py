@@ -16,8 +16,15 @@ from simulations.scenarios import SiteSplit
 from simulations.streams import ExperiencePlan, experience_labels, plan_experiences, site_streams
 
 NAMES = ["billing", "cardio", "derm", "neuro", "onco", "ortho", "peds"]
-DOMAIN = {"billing": "admin", "cardio": "heart", "derm": "skin", "neuro": "brain", "onco": "cancer",
-          "ortho": "bones", "peds": "admin"}
+DOMAIN = {
+    "billing": "admin",
+    "cardio": "heart",
+    "derm": "skin",
+    "neuro": "brain",
+    "onco": "cancer",
+    "ortho": "bones",
+    "peds": "admin",
+}
 
 
 def toy_data(per_label: int = 6) -> LabelledTexts:
@@ -30,12 +37,16 @@ def toy_data(per_label: int = 6) -> LabelledTexts:
 
 def two_sites(data: LabelledTexts) -> list[SiteSplit]:
     order = np.random.default_rng(1).permutation(len(data))
-    first, second = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
-    return [SiteSplit("site-0", first[: len(first) * 2 // 3], first[len(first) * 2 // 3:]),
-            SiteSplit("site-1", second[: len(second) * 2 // 3], second[len(second) * 2 // 3:])]
+    first, second = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
+    return [
+        SiteSplit("site-0", first[: len(first) * 2 // 3], first[len(first) * 2 // 3 :]),
+        SiteSplit("site-1", second[: len(second) * 2 // 3], second[len(second) * 2 // 3 :]),
+    ]
 
 
-def loop_reference(owner_of_name: dict[str, int], keys: list[str], split_part: np.ndarray, experience: int) -> list[int]:
+def loop_reference(
+    owner_of_name: dict[str, int], keys: list[str], split_part: np.ndarray, experience: int
+) -> list[int]:
     """Positions of ``split_part`` whose key belongs to ``experience``, by a plain loop."""
     return [pos for pos, index in enumerate(split_part) if owner_of_name[keys[index]] == experience]
 
@@ -75,12 +86,15 @@ def test_site_arrays_match_avalanche_class_incremental_benchmark_on_the_site_dat
     def dataset(part: np.ndarray) -> AvalancheDataset:
         positions = torch.arange(len(part))
         targets = torch.as_tensor(data.labels[part])
-        return AvalancheDataset([TensorDataset(positions, targets)], data_attributes=[DataAttribute(targets.tolist(), "targets")])
+        return AvalancheDataset(
+            [TensorDataset(positions, targets)], data_attributes=[DataAttribute(targets.tolist(), "targets")]
+        )
 
     sizes = [len(g) for g in plan.members]
     with torch.random.fork_rng(devices=[]):
-        bench = class_incremental_benchmark({"train": dataset(split.train), "test": dataset(split.test)},
-                                            num_classes_per_exp=sizes, seed=7)
+        bench = class_incremental_benchmark(
+            {"train": dataset(split.train), "test": dataset(split.test)}, num_classes_per_exp=sizes, seed=7
+        )
     for stream, attribute in ((bench.train_stream, "train"), (bench.test_stream, "test")):
         for e, experience in enumerate(stream):
             theirs = sorted(int(experience.dataset[i][0]) for i in range(len(experience.dataset)))
