@@ -10,6 +10,23 @@ from client.site_round import RoundResult, site_round
 from client.site_state import open_state
 from fedcl.model_factory import set_trainable_arrays
 
+# What a DP training reply carries, written out by hand (the reference the tests hold the protocol's allow-list to).
+TRAINING_REPLY_KEYS = frozenset(
+    {
+        "num-examples",
+        "experience",
+        "train-steps",
+        "delta",
+        "noise-multiplier",
+        "max-grad-norm",
+        "sample-rate",
+        "epsilon",
+        "dp-steps-total",
+        "stopped-for-budget",
+        "target-epsilon",
+    }
+)
+
 
 def node_config(state_dir: Path, partition: int = 0, sites: int = 2, **policy: Any) -> dict[str, Any]:
     """A SuperNode's node config: its partition, its state directory and its privacy policy."""

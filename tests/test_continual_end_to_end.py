@@ -33,7 +33,8 @@ def test_a_private_stream_with_replay_ewc_and_a_late_site_runs_end_to_end(tiny_m
     assert sorted(sites) == [(r, s) for r in (1, 2, 3) for s in ("site-0", "site-1")]
     assert sites[(1, "site-1")]["train_status"] == "skipped" and "not started" in sites[(1, "site-1")]["train_reason"]
     assert sites[(3, "site-0")]["train_status"] == "skipped" and "finished" in sites[(3, "site-0")]["train_reason"]
-    assert sites[(2, "site-0")]["replayed_examples"] == 6 and sites[(2, "site-0")]["ewc_importance_steps"] == 2
+    assert sites[(2, "site-0")]["ewc_importance_steps"] == 2
+    assert "replayed_examples" not in sites[(2, "site-0")]  # buffer sizes depend on the data: never sent under DP
     experiences = [r for r in rows if "site" not in r]
     assert [(r["experience"], len(r["accuracy"])) for r in experiences] == [(0, 1), (1, 2), (2, 3)]
     assert experiences[-1]["accuracy"][2] is None  # the run has two experiences; slot 2 is the late site's

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from site_helpers import forget_process_state, run_round, runtime_of
+from site_helpers import TRAINING_REPLY_KEYS, forget_process_state, run_round, runtime_of
 
 from client.privacy_ledger import PrivacyLedger, compute_epsilon
 from client.replay_buffer import ReplayBuffer
@@ -261,19 +261,7 @@ def test_reply_keys_under_dp_are_the_allow_list_for_stream_replay_and_ewc_rounds
 
     flat = flat_config(tiny_model_dir, **{"replay-size": 6, "ewc-lambda": 5.0, "noise-multiplier": 0.0})
     runtime = runtime_of(flat)
-    base = {
-        "num-examples",
-        "experience",
-        "train-steps",
-        "delta",
-        "noise-multiplier",
-        "max-grad-norm",
-        "sample-rate",
-        "epsilon",
-        "dp-steps-total",
-        "stopped-for-budget",
-        "target-epsilon",
-    }
+    base = TRAINING_REPLY_KEYS
     first, second = run_round(runtime, 1, tmp_path), run_round(runtime, 2, tmp_path)  # 2: replay + EWC importances
     assert set(first.metrics) == base and set(second.metrics) == base | {"ewc-importance-steps"}
     assert set(reply_metrics(second, dp=True)) == set(second.metrics)

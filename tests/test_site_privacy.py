@@ -13,7 +13,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 from flwr.supercore.task_identity import TaskIdentity
-from site_helpers import forget_process_state, node_config, policy_of, run_round, runtime_of
+from site_helpers import TRAINING_REPLY_KEYS, forget_process_state, node_config, policy_of, run_round, runtime_of
 
 from client.privacy_ledger import LedgerError, PrivacyLedger
 from client.site_budget import SiteBusyError
@@ -299,19 +299,7 @@ def test_reply_keys_under_dp_are_the_allow_list(tiny_model_dir, csv_dataset, tmp
     context = Context(
         run_id=1, node_id=1, node_config=node_config(tmp_path / "state"), state=RecordDict(), run_config=flat
     )
-    expected = {
-        "num-examples",
-        "experience",
-        "train-steps",
-        "delta",
-        "noise-multiplier",
-        "max-grad-norm",
-        "sample-rate",
-        "epsilon",
-        "dp-steps-total",
-        "stopped-for-budget",
-        "target-epsilon",
-    }
+    expected = TRAINING_REPLY_KEYS
     for server_round in (1, 4):
         message = Message(
             content=RecordDict({ARRAYS_RECORD: ArrayRecord(), "config": ConfigRecord({"server-round": server_round})}),
