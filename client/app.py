@@ -10,15 +10,21 @@ evaluate it on the site's own test split.
 
 from __future__ import annotations
 
+import traceback
+from logging import ERROR
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
+from client.data_fingerprint import check_data_fingerprint
 from client.evaluation import evaluate_adapter, evaluate_class_sums
+from client.privacy_ledger import LedgerError
 from client.site_budget import SiteBusyError
 from client.site_policy import SitePolicy, check_proposal, site_policy
 from client.site_round import RoundResult, site_round
 from client.site_runtime import SiteRuntime, site_runtime
-from client.site_state import open_state
+from client.site_state import SiteState, open_state
 from client.update_codec import install_global, received_arrays, reply_arrays, strategy_freezing
 from fedcl.model_factory import configure_torch_threads
 from fedcl.protocol import (
@@ -31,23 +37,28 @@ from fedcl.protocol import (
     SITE_NAME,
     SITE_RECORD,
     STATUS,
+    allowed_evaluation_metric,
     allowed_train_metrics,
     to_numpy,
     to_record,
 )
+from fedcl.run_config import ConfigError
 from strategies.ncm_aggregator import SUMS  # the one array of a class-sum release and of the global state
 
 app = ClientApp()
+INTERNAL_ERROR = "internal error at the site; its operator has the details in the site's log"
 
 
-def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, SitePolicy, dict]:
-    """Parse configs, check the run's privacy proposal against the site's policy, load data and model."""
+def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, SitePolicy, SiteState, dict]:
+    """Parse configs, check the run's proposal against the site's policy and its records against its state."""
     configure_torch_threads()
     policy = site_policy(context.node_config)
     runtime = site_runtime(context.run_config, context.node_config)
     check_proposal(policy, runtime.config)
+    state = open_state(policy.state_dir)
+    check_data_fingerprint(state, runtime)
     round_config = dict(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()))
-    return runtime, policy, round_config
+    return runtime, policy, state, round_config
 
 
 def _site_record(runtime: SiteRuntime, status: str, reason: str = "") -> ConfigRecord:
@@ -65,17 +76,19 @@ def reply_metrics(result: RoundResult, dp: bool) -> dict[str, float]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run this site's round on its private training records (or decline, with the reason)."""
-    runtime, policy, round_config = _prepare(msg, context)
+    runtime, policy, state, round_config = _prepare(msg, context)
     ncm = runtime.config.recipe == "ncm"
     received = {} if ncm else received_arrays(msg, runtime)
     if not ncm:
         install_global(runtime, received)  # decoded; FFA: A from the seeded state
-    state = open_state(policy.state_dir)
     try:
         with strategy_freezing(runtime):  # FFA: lora_A frozen while training
             result = site_round(runtime, policy, state, round_config)
-    except SiteBusyError as err:
+    except (ConfigError, LedgerError, SiteBusyError) as err:  # decided by settings and state, not records: may go
         result = RoundResult("refused", str(err))
+    except Exception:  # its text may carry values derived from records: it stays in the site's log
+        log(ERROR, "%s: the round failed:\n%s", runtime.data.name, traceback.format_exc())
+        result = RoundResult("refused", INTERNAL_ERROR)
     content = RecordDict(
         {
             METRICS_RECORD: MetricRecord(reply_metrics(result, policy.dp)),
@@ -90,14 +103,22 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this site's own test split."""
-    runtime, _, round_config = _prepare(msg, context)
+    """Evaluate the received global model on this site's own test split (allow-listed keys only)."""
+    runtime, policy, _, round_config = _prepare(msg, context)
     server_round = int(round_config.get(SERVER_ROUND, 1))
-    if runtime.config.recipe == "ncm":
-        received = msg.content.array_records.get(ARRAYS_RECORD, ArrayRecord())
-        metrics = evaluate_class_sums(runtime, to_numpy(received).get(SUMS) if len(received) else None, server_round)
-    else:
-        install_global(runtime, received_arrays(msg, runtime))
-        metrics = evaluate_adapter(runtime, server_round)
-    content = RecordDict({METRICS_RECORD: MetricRecord(metrics), SITE_RECORD: _site_record(runtime, "evaluated")})
+    try:
+        if runtime.config.recipe == "ncm":
+            received = msg.content.array_records.get(ARRAYS_RECORD, ArrayRecord())
+            sums = to_numpy(received).get(SUMS) if len(received) else None
+            metrics = evaluate_class_sums(runtime, sums, server_round)
+        else:
+            install_global(runtime, received_arrays(msg, runtime))
+            metrics = evaluate_adapter(runtime, server_round)
+    except Exception:  # as in train: the text stays in the site's log
+        log(ERROR, "%s: the evaluation failed:\n%s", runtime.data.name, traceback.format_exc())
+        return Message(
+            content=RecordDict({SITE_RECORD: _site_record(runtime, "refused", INTERNAL_ERROR)}), reply_to=msg
+        )
+    released = {key: value for key, value in metrics.items() if allowed_evaluation_metric(key, policy.dp)}
+    content = RecordDict({METRICS_RECORD: MetricRecord(released), SITE_RECORD: _site_record(runtime, "evaluated")})
     return Message(content=content, reply_to=msg)

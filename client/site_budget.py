@@ -31,13 +31,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from client.mechanisms import SgdMechanism, Step
-from client.privacy_ledger import FILTER_ORDERS, BudgetError, LedgerError, PrivacyLedger, best_order
+from client.privacy_ledger import BudgetError, LedgerError, PrivacyLedger, best_order
 from client.site_policy import SitePolicy
 from client.site_state import SiteState
 from fedcl.atomic_files import write_json_atomic
 
 MAX_SIGMA = 1e4  # past this no noise level trains anything: the plan does not fit
-Segment = tuple[float, int]  # (sample_rate, steps) at the noise being chosen
+Segment = tuple[float, int]  # (sample_rate, steps) at the noise being chosen; client/site_round.py plans in these
 
 
 class SiteBusyError(ValueError):
@@ -67,7 +67,7 @@ class SiteBudget:
         fixed = list(fixed)
         segments = [(float(q), int(n)) for q, n in plan if n > 0]
         if not segments:
-            raise ValueError("the plan has no steps; nothing to calibrate")
+            raise ValueError("the site's remaining plan has no steps; give the run at least one round with steps")
 
         def entries(sigma: float) -> list[Step]:
             return [*fixed, *((sigma, q, n) for q, n in segments)]
@@ -85,9 +85,15 @@ class SiteBudget:
         return sigma
 
     def can_afford(self, mechanisms: Sequence[SgdMechanism]) -> bool:
-        """True if the filter lets these exact mechanisms run (always True without DP)."""
+        """True if the filter lets these exact mechanisms run (always True without DP).
+
+        Raises ValueError under DP before the filter order is fixed
+        (:meth:`noise_multiplier` fixes it): the filter needs its order first.
+        """
         if self.ledger is None:
             return True
+        if self.ledger.filter_order is None:
+            raise ValueError("the filter order is not fixed yet; choose the noise (noise_multiplier) before pricing")
         return self.ledger.can_afford([m.ledger_entry for m in mechanisms])
 
     def epsilon_if(self, mechanisms: Sequence[SgdMechanism]) -> float:
@@ -96,8 +102,10 @@ class SiteBudget:
 
     def record(self, mechanism: SgdMechanism) -> None:
         """Record a mechanism that ran, save the ledger atomically, then the sentinel; nothing without DP."""
-        if self.ledger is None or not mechanism.private:
+        if self.ledger is None:
             return
+        if not mechanism.private:
+            raise ValueError("a site under DP ran a mechanism without noise; every release must be a priced mechanism")
         if not self.ledger.can_afford([mechanism.ledger_entry]):  # the caller checked; never record past the target
             raise BudgetError("the mechanism was not priced before it ran; this is a bug in the site round")
         self.ledger.record(*mechanism.ledger_entry)
@@ -117,7 +125,7 @@ class SiteBudget:
 
     def _ledger(self) -> PrivacyLedger:
         if self.ledger is None:
-            raise ValueError("this site runs without DP: there is no noise to choose")
+            raise ValueError("this site runs without DP (its policy says dp = false): there is no noise to choose")
         return self.ledger
 
     def _committed_sigma(self) -> float:
@@ -169,6 +177,12 @@ def open_budget(state: SiteState, policy: SitePolicy) -> Iterator[SiteBudget]:
     :class:`LedgerError` for a lost, rolled-back or damaged ledger.
     """
     with _exclusive_lock(state):
+        if not policy.dp and (state.ledger.exists() or state.sentinel.exists()):
+            raise LedgerError(
+                f"{state.folder} holds a privacy ledger: this site has trained under DP, and a round without DP would "
+                "release outside it while its ledger still shows a finite epsilon; keep dp = true for this site, or "
+                "give a non-private baseline its own state-dir"
+            )
         ledger = _open_ledger(state, policy) if policy.dp else None
         yield SiteBudget(state, policy, ledger)
 
@@ -181,7 +195,7 @@ def _exclusive_lock(state: SiteState) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
             raise SiteBusyError(
-                f"{state.folder} is in use by another training of this site; one training at a time per state "
+                "this site's state directory is in use by another training; one training at a time per state "
                 "directory: wait for it to finish, or give each site its own state-dir"
             ) from err
         yield
@@ -191,7 +205,10 @@ def _exclusive_lock(state: SiteState) -> Iterator[None]:
 
 def _open_ledger(state: SiteState, policy: SitePolicy) -> PrivacyLedger:
     """Load the ledger, or create it for a site that never trained; refuse a lost or rolled-back one."""
-    restore = "restore the whole state directory from its latest backup (a site must never restart its budget)"
+    restore = (
+        "restore the whole state directory from the backup taken after its last round (a site must never restart "
+        "its budget)"
+    )
     sentinel_steps = _sentinel_steps(state)
     if not state.ledger.exists():
         others = state.training_files()
@@ -222,4 +239,4 @@ def _sentinel_steps(state: SiteState) -> int | None:
         raise LedgerError(f"{state.sentinel} is damaged ({err}); restore the state directory from its backup") from err
 
 
-__all__ = ["FILTER_ORDERS", "SiteBudget", "SiteBusyError", "open_budget"]
+__all__ = ["Segment", "SiteBudget", "SiteBusyError", "open_budget"]

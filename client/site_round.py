@@ -51,14 +51,12 @@ from client.phases import run_class_sums, run_importance, run_lora, run_probe
 from client.privacy_ledger import BudgetError
 from client.replay_buffer import training_pool
 from client.secure_noise import NoiseSource
-from client.site_budget import SiteBudget, open_budget
+from client.site_budget import Segment, SiteBudget, open_budget
 from client.site_policy import SitePolicy
 from client.site_runtime import SiteRuntime
 from client.site_state import SiteState, log_local_metrics
 from fedcl.experience_schedule import LORA, NCM, PROBE
 from fedcl.protocol import PHASE, SERVER_ROUND
-
-Segment = tuple[float, int]
 
 
 @dataclass
@@ -284,7 +282,7 @@ def _run(
             **_settings(main),
             **budget.facts(),
             "stopped-for-budget": 0,
-            "train-steps": outcome.steps,
+            "train-steps": main.steps,
             **private_values,
         },
     )

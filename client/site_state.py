@@ -34,13 +34,20 @@ class SiteState:
         """Held (flock) for a whole training round: one training at a time per state directory."""
         return self.folder / "site.lock"
 
-    def cache(self, name: str) -> Path:
-        """A file of derived local data (e.g. cached features); safe to delete."""
-        return self.folder / "cache" / name
+    @property
+    def data_fingerprint(self) -> Path:
+        """A digest of the records the site trains and evaluates on (``client/data_fingerprint.py``)."""
+        return self.folder / "data.fingerprint"
 
     def training_files(self) -> list[Path]:
         """State files that only a site that has trained can have (a ledger must exist beside them)."""
-        names = ("replay_buffer.safetensors", "ewc_state.safetensors", "noise.json", "local_metrics.jsonl")
+        names = (
+            "replay_buffer.safetensors",
+            "replay.key",
+            "ewc_state.safetensors",
+            "noise.json",
+            "local_metrics.jsonl",
+        )
         return [self.folder / name for name in names if (self.folder / name).exists()]
 
 

@@ -9,6 +9,8 @@ README.md ("What leaves a site") explains each one.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
@@ -24,7 +26,6 @@ PHASE = "phase"  # informative: the site derives the phase itself and refuses a 
 
 # --- the site record of a reply ----------------------------------------------
 SITE_NAME, STATUS, REASON, LABEL_NAMES = "site", "status", "reason", "label-names"
-SITE_INFO_KEYS = frozenset({SITE_NAME, STATUS, REASON, LABEL_NAMES})
 
 # --- training-reply metrics a site may send under DP -------------------------
 # public: the run plan, the site policy and its nominal size decide them
@@ -47,12 +48,21 @@ DP_TRAIN_METRICS = PUBLIC_TRAIN_METRICS | LEDGER_TRAIN_METRICS
 PLAIN_ONLY_TRAIN_METRICS = frozenset({"train-loss", "train-seconds"})
 
 # --- evaluation-reply metrics (on the site's test records; declared public in the README) ---
-EVALUATION_METRICS_FIXED = frozenset({"num-examples", "accuracy", "eval-loss", "experiences-seen"})
+EVALUATION_METRICS = frozenset({"num-examples", "accuracy", "eval-loss", "experiences-seen"})
+EXPERIENCE_COUNT = re.compile(r"exp-\d+-(correct|total)")  # per-experience counts of the accuracy matrix
+PLAIN_ONLY_EVALUATION_METRICS = frozenset({"eval-seconds"})  # timing: only without DP
 
 
 def allowed_train_metrics(dp: bool) -> frozenset[str]:
     """The metric keys a training reply may carry: the DP allow-list, or that plus the plain diagnostics."""
     return DP_TRAIN_METRICS if dp else DP_TRAIN_METRICS | PLAIN_ONLY_TRAIN_METRICS
+
+
+def allowed_evaluation_metric(key: str, dp: bool) -> bool:
+    """True if an evaluation reply may carry ``key`` (the fixed keys, the per-experience counts, and timing without DP)."""
+    if key in EVALUATION_METRICS or EXPERIENCE_COUNT.fullmatch(key):
+        return True
+    return not dp and key in PLAIN_ONLY_EVALUATION_METRICS
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

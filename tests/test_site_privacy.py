@@ -311,3 +311,57 @@ def test_reply_keys_under_dp_are_the_allow_list(tiny_model_dir, csv_dataset, tmp
         keys = set(reply.content.metric_records[METRICS_RECORD])
         assert keys == expected and keys <= DP_TRAIN_METRICS
     assert policy_of(flat, tmp_path / "state").dp
+
+
+def app_context(flat: dict, state_dir: Path) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config(state_dir), state=RecordDict(), run_config=flat)
+
+
+def app_message(server_round: int, kind: str = MessageType.TRAIN) -> Message:
+    config = ConfigRecord({"server-round": server_round})
+    return Message(
+        content=RecordDict({ARRAYS_RECORD: ArrayRecord(), "config": config}), dst_node_id=1, message_type=kind
+    )
+
+
+def test_another_split_on_the_same_state_directory_is_refused(tiny_model_dir, csv_dataset, tmp_path, task_identity):
+    """A server must not turn records the ledger counts as training records into noise-free test records."""
+    from client.app import evaluate_global, train
+
+    flat = run_config(tiny_model_dir, csv_dataset)
+    assert train(app_message(1), app_context(flat, tmp_path / "state")).content.config_records[SITE_RECORD]
+    resplit = {**flat, "seed": 7}
+    forget_process_state()
+    with pytest.raises(ConfigError, match="records differ"):
+        train(app_message(2), app_context(resplit, tmp_path / "state"))
+    with pytest.raises(ConfigError, match="records differ"):
+        evaluate_global(app_message(2, MessageType.EVALUATE), app_context(resplit, tmp_path / "state"))
+
+
+def test_a_site_that_trained_under_dp_refuses_a_round_without_it(tiny_model_dir, csv_dataset, tmp_path):
+    flat = run_config(tiny_model_dir, csv_dataset)
+    runtime = runtime_of(flat)
+    assert run_round(runtime, 1, tmp_path).status == "trained"
+    plain = runtime_of({**flat, "dp": False})
+    with pytest.raises(LedgerError, match="has trained under DP"):
+        run_round(plain, 2, tmp_path, flat={**flat, "dp": False}, dp=False)
+    assert PrivacyLedger.load(tmp_path / "privacy_ledger.json").total_steps == 4  # nothing ran outside the ledger
+
+
+def test_evaluation_replies_under_dp_carry_only_the_declared_keys(tiny_model_dir, csv_dataset, tmp_path, task_identity):
+    from client.app import evaluate_global
+
+    flat = run_config(tiny_model_dir, csv_dataset)
+    reply = evaluate_global(app_message(1, MessageType.EVALUATE), app_context(flat, tmp_path / "state"))
+    assert set(reply.content.metric_records[METRICS_RECORD]) == {"num-examples", "accuracy", "eval-loss"}
+    plain = evaluate_global(
+        app_message(1, MessageType.EVALUATE),
+        Context(
+            run_id=1,
+            node_id=1,
+            node_config=node_config(tmp_path / "plain", dp=False),
+            state=RecordDict(),
+            run_config={**flat, "dp": False},
+        ),
+    )
+    assert "eval-seconds" in plain.content.metric_records[METRICS_RECORD]  # timing only without DP
