@@ -83,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
         install_global(runtime, received)  # decoded; FFA: A from the seeded state
     try:
         with strategy_freezing(runtime):  # FFA: lora_A frozen while training
-            result = site_round(runtime, policy, state, round_config)
+            result = site_round(runtime, policy, state, round_config, run_id=context.run_id)
     except (ConfigError, LedgerError, SiteBusyError) as err:  # decided by settings and state, not records: may go
         result = RoundResult("refused", str(err))
     except Exception:  # its text may carry values derived from records: it stays in the site's log

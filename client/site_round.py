@@ -28,6 +28,7 @@ A plain run is a stream with one experience: the same pipeline.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import INFO
@@ -55,6 +56,7 @@ from client.site_budget import Segment, SiteBudget, open_budget
 from client.site_policy import SitePolicy
 from client.site_runtime import SiteRuntime
 from client.site_state import SiteState, log_local_metrics
+from fedcl.atomic_files import write_json_atomic
 from fedcl.experience_schedule import LORA, NCM, PROBE
 from fedcl.protocol import PHASE, SERVER_ROUND
 
@@ -163,11 +165,15 @@ def site_round(
     state: SiteState,
     round_config: Mapping[str, Any],
     noise: NoiseSource | None = None,
+    run_id: int | None = None,
 ) -> RoundResult:
     """Run this site's part of one training round (see the module docstring).
 
     ``noise``: the randomness of every mechanism; default the OS CSPRNG under
-    DP and a seeded source without DP (reproducible baselines). Raises
+    DP and a seeded source without DP (reproducible baselines; tests may pass
+    a seeded source under DP, a deployment never does). ``run_id`` (Flower's):
+    within one run a server round is trained at most once, in increasing
+    order; a replayed or earlier round is refused. Raises
     :class:`~client.site_budget.SiteBusyError` when another training holds the
     state directory, and :class:`~client.privacy_ledger.LedgerError` for a
     lost or rolled-back ledger.
@@ -204,7 +210,27 @@ def site_round(
         )
     plan = SitePlan(runtime, context, policy)
     with open_budget(state, policy) as budget:
-        return _run(runtime, plan, budget, state, where.phase, experience, where.round_in_slot, server_round, noise)
+        replayed = _replayed_round(state, run_id, server_round)
+        if replayed:
+            return RoundResult("refused", replayed, {"experience": experience})
+        result = _run(runtime, plan, budget, state, where.phase, experience, where.round_in_slot, server_round, noise)
+        if run_id is not None and result.status == "trained":
+            write_json_atomic(state.folder / "last_round.json", {"run": int(run_id), "round": server_round})
+        return result
+
+
+def _replayed_round(state: SiteState, run_id: int | None, server_round: int) -> str:
+    """The reason to refuse a round this run already trained (or an earlier one), else an empty string."""
+    path = state.folder / "last_round.json"
+    if run_id is None or not path.exists():
+        return ""
+    last = json.loads(path.read_text(encoding="utf-8"))
+    if int(last.get("run", -1)) == int(run_id) and server_round <= int(last.get("round", 0)):
+        return (
+            f"round {server_round} of run {run_id} comes after round {last['round']} was trained: a site trains "
+            "each round of a run once, in order, and declines a replayed one"
+        )
+    return ""
 
 
 def _run(

@@ -365,3 +365,17 @@ def test_evaluation_replies_under_dp_carry_only_the_declared_keys(tiny_model_dir
         ),
     )
     assert "eval-seconds" in plain.content.metric_records[METRICS_RECORD]  # timing only without DP
+
+
+def test_a_replayed_round_of_the_same_run_is_declined(tiny_model_dir, csv_dataset, tmp_path):
+    from client.site_round import site_round
+    from client.site_state import open_state
+
+    flat = run_config(tiny_model_dir, csv_dataset)
+    runtime, policy, state = runtime_of(flat), policy_of(flat, tmp_path), open_state(tmp_path)
+    assert site_round(runtime, policy, state, {"server-round": 1}, run_id=5).status == "trained"
+    again = site_round(runtime, policy, state, {"server-round": 1}, run_id=5)
+    assert again.status == "refused" and "replayed" in again.reason
+    assert site_round(runtime, policy, state, {"server-round": 2}, run_id=5).status == "trained"
+    assert site_round(runtime, policy, state, {"server-round": 1}, run_id=6).status == "trained"  # a new run
+    assert PrivacyLedger.load(tmp_path / "privacy_ledger.json").total_steps == 3 * 4
