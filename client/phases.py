@@ -29,7 +29,7 @@ from client.nearest_class_mean import class_feature_sums, mean_pooled_features, 
 from client.secure_noise import NoiseSource
 from client.site_runtime import SiteRuntime
 
-MOMENTUM = 0.9  # SGD with momentum after the noise, in every phase, private or not
+MOMENTUM = 0.9  # SGD with momentum after the noise: every private phase, and the probe with or without DP
 
 _HEAD_INPUTS: dict[tuple, tuple[Any, Any, str, torch.Tensor]] = {}
 _FROZEN_FEATURES: dict[tuple, tuple[Any, Any, np.ndarray]] = {}
@@ -130,15 +130,22 @@ def run_lora(
     noise: NoiseSource,
     extra_gradient: Callable | None = None,
 ) -> PrivateOutcome:
-    """DP-SGD of LoRA and the head on the pool's tokenised rows."""
+    """DP-SGD of LoRA and the head on the pool's tokenised rows (AdamW when the mechanism adds no noise).
+
+    One optimiser per setting in every path, plain run or stream: SGD with
+    momentum after the noise under DP, AdamW without DP (measured on the
+    default scenario, plain recipe, 3 rounds x 5 steps at learning-rate 0.01:
+    SGD with momentum reached 0.33, and at best 0.82 over learning rates up to
+    1.0, where AdamW reaches about 0.93).
+    """
     return train_private(
         runtime.adapter.model,
         pool_rows(runtime, pool),
         mechanism,
         runtime.config.learning_rate,
         noise,
-        optimizer="sgd",
-        momentum=MOMENTUM,
+        optimizer="sgd" if mechanism.private else "adamw",
+        momentum=MOMENTUM if mechanism.private else 0.0,
         extra_gradient=extra_gradient,
     )
 

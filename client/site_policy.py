@@ -23,7 +23,10 @@ In a simulation the launcher (``simulations/run.py``) is the operator of every
 virtual site: it passes, through the environment variable
 ``FEDCL_SIMULATION_SITES`` (JSON: ``state-root`` and ``policy``), a state
 root under which virtual site ``partition-id`` keeps ``site-<id>/``, and the
-policy it gives every virtual site. Node config keys still win.
+policy it gives every virtual site. Node config keys still win. A real
+SuperNode must never run with that variable in its environment: its
+defaults would then come from it (the process cannot tell a simulation's
+worker from a SuperNode by itself).
 """
 
 from __future__ import annotations
