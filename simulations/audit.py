@@ -58,7 +58,7 @@ from simulations.audit_bound import DEFAULT_BETA, DEFAULT_GUESS_FRACTIONS, audit
 
 MECHANISMS = ("head", "class-sums")
 FEATURE_SOURCES = ("synthetic", "default")
-PROBE_MOMENTUM = 0.9  # the probe's SGD momentum (client/site_trainer.py)
+PROBE_MOMENTUM = 0.9  # the probe's SGD momentum (client/phases.py MOMENTUM)
 # Canary directions: the eigenvectors of the site's features with the least energy, together at most this
 # share of it. Measured on the default site (3 seeds each, epsilon 8): shares 0.05 / 0.1 / 0.4 / 1.0 gave
 # mean bounds 0.77 / 1.21 / 1.27 / 1.09 with 2-3 canaries per direction; the number of canaries matters
