@@ -205,12 +205,16 @@ def test_a_second_training_on_one_state_directory_is_refused_and_no_spend_is_los
     real_probe = site_round_module.run_probe
 
     def probe_while_another_training_starts(*args, **kwargs):
+        if "second" in outcomes:  # the second training itself got this far: no lock stopped it
+            return real_probe(*args, **kwargs)
+
         def second() -> None:
             try:
                 outcomes["second"] = run_round(runtime_of(flat), 2, tmp_path)
             except SiteBusyError as err:
                 outcomes["second"] = err
 
+        outcomes["second"] = "started"
         thread = threading.Thread(target=second)
         thread.start()
         thread.join()
