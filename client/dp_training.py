@@ -19,9 +19,13 @@ Both the batch membership and the noise come from the ``NoiseSource``:
 :meth:`~client.secure_noise.NoiseSource.seeded` in tests and benchmarks.
 
 Fixed shapes under privacy: a private mechanism runs every batch at the full
-padded length (no trimming of padding columns), so a step's time does not
-depend on how long the batch's longest record is (a site's reply timing is
-visible to the server). A non-private mechanism trims, as plain training does.
+padded length (no trimming of padding columns) and pads every Poisson batch
+with dummy rows to a public size (:func:`fixed_batch_size`; their per-example
+gradients are zeroed before clipping, so the update is the same), so a
+step's compute does not depend on how long the batch's records are nor on how
+many were drawn (a site's reply timing is visible to the server). The loss
+the hooks see is the mean over every row computed. A non-private mechanism
+trims and does not pad, as plain training does.
 
 Opacus is attached for one call only and removed afterwards, leaving the model
 exactly as it was (no hooks, no ``grad_sample`` or ``summed_grad`` attributes,
@@ -227,13 +231,18 @@ def train_private(
     device = _device_of(model)
     fixed_shape = mechanism.private
 
-    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+    def row_losses(index: torch.Tensor, dummies: int) -> torch.Tensor:
         rows = data.rows(index)
+        if dummies:  # full-length rows of padding tokens, attended to: the same compute as a real record
+            rows = {
+                name: torch.cat([tensor, _dummy_token_rows(name, tensor, dummies)]) for name, tensor in rows.items()
+            }
         inputs = {name: tensor.to(device) for name, tensor in (rows if fixed_shape else trim_padding(rows)).items()}
         logits = model(**inputs).logits
-        return F.cross_entropy(logits, data.labels[index].to(device), reduction=LOSS_REDUCTION)
+        labels = torch.cat([data.labels[index], data.labels.new_zeros(dummies)])
+        return F.cross_entropy(logits, labels.to(device), reduction="none")
 
-    return _dp_sgd(model, batch_loss, len(data), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
+    return _dp_sgd(model, row_losses, len(data), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
 
 
 def train_private_features(
@@ -264,16 +273,37 @@ def train_private_features(
     device = _device_of(head)
     labels = labels.long()
 
-    def batch_loss(index: torch.Tensor) -> torch.Tensor:
-        logits = head(features[index].to(device))
-        return F.cross_entropy(logits, labels[index].to(device), reduction=LOSS_REDUCTION)
+    def row_losses(index: torch.Tensor, dummies: int) -> torch.Tensor:
+        batch = torch.cat([features[index], features.new_zeros((dummies, features.shape[1]))])  # dummies: zero rows
+        logits = head(batch.to(device))
+        target = torch.cat([labels[index], labels.new_zeros(dummies)])
+        return F.cross_entropy(logits, target.to(device), reduction="none")
 
-    return _dp_sgd(head, batch_loss, len(labels), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
+    return _dp_sgd(head, row_losses, len(labels), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
+
+
+def fixed_batch_size(mechanism: SgdMechanism) -> int:
+    """The rows every private step computes: the expected batch plus 4 standard deviations of the Poisson draw.
+
+    A private step pads its Poisson batch with dummy rows (their per-example
+    gradients are zeroed before clipping, so the update is unchanged) to this
+    public size, so its compute, and the reply's timing, does not show how
+    many records were drawn; a draw above it (probability about 3e-5 per
+    step) is computed as it is. Non-private steps are not padded.
+    """
+    expected = mechanism.expected_batch_size
+    return math.ceil(expected + 4.0 * math.sqrt(expected * (1.0 - mechanism.sample_rate))) + 1
+
+
+def _dummy_token_rows(name: str, like: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` rows shaped as ``like``'s: padding ids, an attention mask of ones (full-length compute)."""
+    fill = 1 if name == "attention_mask" else 0
+    return torch.full((count, *like.shape[1:]), fill, dtype=like.dtype)
 
 
 def _dp_sgd(
     module: torch.nn.Module,
-    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    row_losses: Callable[[torch.Tensor, int], torch.Tensor],
     records: int,
     mechanism: SgdMechanism,
     learning_rate: float,
@@ -296,18 +326,24 @@ def _dp_sgd(
                 max_grad_norm=mechanism.max_grad_norm,
                 expected_batch_size=mechanism.expected_batch_size,
             )
+            padded = fixed_batch_size(mechanism) if mechanism.private else 0
             for _ in range(mechanism.steps):
                 index = noise.poisson(records, mechanism.sample_rate)
+                dummies = max(padded - len(index), 0)
                 private.zero_grad(set_to_none=True)
-                if len(index) == 0:  # Poisson drew nobody (or there is nobody): the step is noise only, and counts
+                if len(index) + dummies == 0:  # non-private, Poisson drew nobody: nothing to compute, the step counts
                     for param in params:
                         param.grad_sample = param.new_zeros((0, *param.shape))
                 else:
-                    loss = batch_loss(index)
+                    per_row = row_losses(index, dummies)
                     with warnings.catch_warnings():  # LoRA layers fed by frozen layers: expected, and harmless here
                         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-                        loss.backward()
-                    losses.append(float(loss.detach()))
+                        per_row.mean().backward()  # a mean over every row computed: LOSS_REDUCTION for the hooks
+                    if dummies:
+                        for param in params:  # dummy rows contribute nothing: zero before clipping and summing
+                            param.grad_sample[len(index) :] = 0
+                    if len(index):
+                        losses.append(float(per_row[: len(index)].detach().mean()))
                 sizes.append(len(index))
                 private.pre_step()  # clip, accumulate, add noise, divide by the expected batch size
                 if extra_gradient is not None:

@@ -27,16 +27,22 @@ DIM, CLASSES = 400, 50  # 20,050 parameters: one step gives a precise estimate o
 
 
 class RecordingHead(nn.Module):
-    """A linear head that records the size of every batch it is called on (what the trainer really fed it)."""
+    """A linear head that records, per call, the real rows it was fed and all rows it computed.
+
+    Private steps pad their Poisson batch with all-zero dummy rows to a fixed
+    size; the test features are random, so a non-zero row is a real record.
+    """
 
     def __init__(self, dim: int, classes: int, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.linear = nn.Linear(dim, classes)
         self.batch_sizes: list[int] = []
+        self.rows_computed: list[int] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.batch_sizes.append(int(x.shape[0]))
+        self.batch_sizes.append(int((x.abs().sum(dim=1) > 0).sum()))
+        self.rows_computed.append(int(x.shape[0]))
         return self.linear(x)
 
 
@@ -122,7 +128,7 @@ def test_poisson_batches_have_mean_q_times_records_at_the_mechanisms_rate(record
     assert float(sizes.mean()) == pytest.approx(outcome.mean_batch_size)
     mean, variance = records * q, records * q * (1 - q)
     if records == 0:
-        assert head.batch_sizes == []
+        assert set(head.batch_sizes) == {0}  # dummy rows only
         return
     standard_error = math.sqrt(variance / mechanism.steps)
     assert abs(float(sizes.mean()) - mean) < TOLERANCE * standard_error, (float(sizes.mean()), mean)
@@ -138,7 +144,7 @@ def test_zero_records_run_every_step_as_pure_noise_of_the_right_std() -> None:
     outcome = train_private_features(
         head, torch.zeros(0, DIM), torch.zeros(0, dtype=torch.long), mechanism, 1.0, NoiseSource.seeded(6)
     )
-    assert outcome.steps == 3 and head.batch_sizes == []
+    assert outcome.steps == 3 and head.batch_sizes == [0, 0, 0]
     update = before - flat_parameters(head)
     assert_std(
         update, math.sqrt(3) * mechanism.noise_multiplier * mechanism.max_grad_norm / mechanism.expected_batch_size
@@ -174,3 +180,26 @@ def test_seeded_sources_reproduce_and_noise_is_the_hardened_sum_of_four_draws() 
         NoiseSource.seeded(-1)
     with pytest.raises(ValueError, match="std"):
         NoiseSource.seeded(1).gaussian((4,), -1.0)
+
+
+def test_every_private_step_computes_the_same_number_of_rows_whatever_was_drawn() -> None:
+    """Timing hides the draw: private batches are padded to the public fixed size; plain ones are not."""
+    from client.dp_training import fixed_batch_size
+
+    mechanism = sgd_mechanism(1.0, 10, 200, 60, 1.0)
+    for records in (200, 30, 0):
+        generator = torch.Generator().manual_seed(records)
+        head = RecordingHead(8, 3)
+        train_private_features(
+            head,
+            torch.randn(records, 8, generator=generator),
+            torch.randint(0, 3, (records,), generator=generator),
+            mechanism,
+            0.01,
+            NoiseSource.seeded(1),
+        )
+        assert set(head.rows_computed) == {fixed_batch_size(mechanism)}, records
+    plain = sgd_mechanism(0.0, 10, 200, 60, 1e9)
+    head = RecordingHead(8, 3)
+    train_private_features(head, torch.randn(200, 8), torch.randint(0, 3, (200,)), plain, 0.01, NoiseSource.seeded(1))
+    assert head.rows_computed == head.batch_sizes[: len(head.rows_computed)]  # no padding without DP
