@@ -6,10 +6,11 @@
    training on the same state directory is refused at once, never queued:
    two overlapping load-train-save cycles would lose a spend);
 2. checks the sentinel: a site that has ever recorded a mechanism has a
-   sentinel holding its step count; a missing ledger beside a sentinel (or
-   beside any other training state) is a lost ledger, and a ledger with fewer
-   steps than the sentinel is a rolled-back one: both refuse to train, with
-   or without a fixed noise multiplier;
+   sentinel holding its step count and the Renyi divergence its history
+   costs at the filter order; a missing ledger beside a sentinel (or beside
+   any other training state) is a lost ledger, and a ledger with fewer steps
+   or a smaller divergence than the sentinel is a rolled-back or replaced
+   one: both refuse to train, with or without a fixed noise multiplier;
 3. :meth:`SiteBudget.noise_multiplier` is the one place sigma is chosen: the
    committed sigma while the site's remaining plan still fits under it, else
    the smallest sigma that fits (a bisection against the RDP filter);
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from client.mechanisms import SgdMechanism, Step
-from client.privacy_ledger import BudgetError, LedgerError, PrivacyLedger, best_order
+from client.privacy_ledger import FILTER_ORDERS, BudgetError, LedgerError, PrivacyLedger, best_order, rdp_of
 from client.site_policy import SitePolicy
 from client.site_state import SiteState
 from fedcl.atomic_files import write_json_atomic
@@ -110,7 +111,16 @@ class SiteBudget:
             raise BudgetError("the mechanism was not priced before it ran; this is a bug in the site round")
         self.ledger.record(*mechanism.ledger_entry)
         self.ledger.save(self.state.ledger)
-        write_json_atomic(self.state.sentinel, {"format": "fedcl-sentinel", "dp_steps_total": self.ledger.total_steps})
+        order = self.ledger.filter_order
+        write_json_atomic(
+            self.state.sentinel,
+            {
+                "format": "fedcl-sentinel",
+                "dp_steps_total": self.ledger.total_steps,
+                "filter_order": order,
+                "rdp_at_order": rdp_of(self.ledger.history)[FILTER_ORDERS.index(order)] if order else None,
+            },
+        )
 
     def facts(self) -> dict[str, float]:
         """The ledger's figures for the reply (all functions of the public mechanisms recorded)."""
@@ -209,7 +219,8 @@ def _open_ledger(state: SiteState, policy: SitePolicy) -> PrivacyLedger:
         "restore the whole state directory from the backup taken after its last round (a site must never restart "
         "its budget)"
     )
-    sentinel_steps = _sentinel_steps(state)
+    sentinel = _sentinel(state)
+    sentinel_steps = None if sentinel is None else int(sentinel["dp_steps_total"])
     if not state.ledger.exists():
         others = state.training_files()
         if sentinel_steps is not None or others:
@@ -226,15 +237,26 @@ def _open_ledger(state: SiteState, policy: SitePolicy) -> PrivacyLedger:
             f"privacy ledger {state.ledger} holds {ledger.total_steps} steps but the sentinel recorded "
             f"{sentinel_steps}: the ledger was rolled back; {restore}"
         )
+    if sentinel is not None and sentinel.get("rdp_at_order") is not None:
+        order = float(sentinel["filter_order"])
+        if ledger.filter_order != order or rdp_of(ledger.history)[FILTER_ORDERS.index(order)] < float(
+            sentinel["rdp_at_order"]
+        ) * (1 - 1e-9):
+            raise LedgerError(
+                f"privacy ledger {state.ledger} prices less than the sentinel recorded (another filter order, or "
+                f"cheaper entries than were spent): it was replaced or rolled back; {restore}"
+            )
     return ledger
 
 
-def _sentinel_steps(state: SiteState) -> int | None:
+def _sentinel(state: SiteState) -> dict | None:
+    """The sentinel's record (step count, filter order, Renyi divergence at it), or None for a site that never ran."""
     if not state.sentinel.exists():
         return None
     try:
         document = json.loads(state.sentinel.read_text(encoding="utf-8"))
-        return int(document["dp_steps_total"])
+        int(document["dp_steps_total"])
+        return document
     except (ValueError, KeyError, TypeError) as err:
         raise LedgerError(f"{state.sentinel} is damaged ({err}); restore the state directory from its backup") from err
 

@@ -383,3 +383,18 @@ def test_a_replayed_round_of_the_same_run_is_declined(tiny_model_dir, csv_datase
     assert site_round(runtime, policy, state, {"server-round": 2}, run_id=5).status == "trained"
     assert site_round(runtime, policy, state, {"server-round": 1}, run_id=6).status == "trained"  # a new run
     assert PrivacyLedger.load(tmp_path / "privacy_ledger.json").total_steps == 3 * 4
+
+
+def test_a_ledger_replaced_by_a_cheaper_one_with_as_many_steps_is_detected(tiny_model_dir, csv_dataset, tmp_path):
+    flat = run_config(tiny_model_dir, csv_dataset)
+    runtime = runtime_of(flat)
+    run_round(runtime, 1, tmp_path)
+    run_round(runtime, 2, tmp_path)
+    spent = PrivacyLedger.load(tmp_path / "privacy_ledger.json")
+    cheaper = PrivacyLedger(
+        8.0, 1e-5, [(sigma * 10, rate, steps) for sigma, rate, steps in spent.history], filter_order=spent.filter_order
+    )
+    assert cheaper.total_steps == spent.total_steps and cheaper.epsilon() < spent.epsilon()
+    cheaper.save(tmp_path / "privacy_ledger.json")
+    with pytest.raises(LedgerError, match="replaced or rolled back"):
+        run_round(runtime, 3, tmp_path)
