@@ -10,8 +10,10 @@ cosine (``strategies/ncm_sums.py``).
 Privacy: under add/remove-one adjacency one record moves exactly one class sum
 by a vector of norm at most 1 (rows are clipped to norm 1 before summing, a
 guard against rounding), so the L2 sensitivity of the whole release is 1 and
-noise std ``sigma`` is noise multiplier ``sigma``: the ledger records
-``GaussianSteps(sigma, 1.0, 1)`` per release. Every row of the released
+noise std ``sigma`` is noise multiplier ``sigma``: the site round prices and
+records the mechanism ``SgdMechanism(sigma, 1.0, 1, 1.0, 1.0)`` per release
+(``client/site_round.py``), and the noise comes from the round's
+``NoiseSource`` (the OS CSPRNG under DP). Every row of the released
 classes gets noise, including classes the site has no record of (otherwise
 which classes a site holds would leak). Counts are NOT released: the direction
 of a class sum is that of the class mean, which is all the cosine rule needs,
@@ -21,9 +23,10 @@ experiences are on disjoint records (parallel composition: the guarantee per
 record is that of one release), but a ledger that only composes sequentially
 will count each release in full (safe, pessimistic).
 
-Calibration: :func:`client.gaussian_release.analytic_gaussian_sigma` gives
-the exact sigma for (epsilon, delta); to make the ledger's Opacus accountant
-(PRV/RDP) show at most the target, calibrate with the ledger instead.
+Calibration: the site's budget chooses sigma for all its remaining releases
+against its RDP filter (``client/site_budget.py``).
+:func:`client.gaussian_release.analytic_gaussian_sigma` gives the exact sigma
+of one release at (epsilon, delta), for reference.
 """
 
 from __future__ import annotations
