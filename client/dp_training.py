@@ -295,6 +295,26 @@ def fixed_batch_size(mechanism: SgdMechanism) -> int:
     return math.ceil(expected + 4.0 * math.sqrt(expected * (1.0 - mechanism.sample_rate))) + 1
 
 
+def padded_batch(inputs: Any, labels: torch.Tensor, size: int) -> tuple[Any, torch.Tensor]:
+    """``(inputs, labels)`` with dummy rows appended up to ``size`` rows (none if it already has that many).
+
+    Dummies are all-zero feature rows (a tensor batch) or full-length rows of
+    padding tokens with an attention mask of ones (a dict of token tensors),
+    labelled 0: the same compute as a real row. The caller zeroes their
+    per-example gradients (they are the rows from ``len(labels)`` on).
+    """
+    dummies = max(size - len(labels), 0)
+    if not dummies:
+        return inputs, labels
+    if isinstance(inputs, dict):
+        padded = {
+            name: torch.cat([tensor, _dummy_token_rows(name, tensor, dummies)]) for name, tensor in inputs.items()
+        }
+    else:
+        padded = torch.cat([inputs, inputs.new_zeros((dummies, *inputs.shape[1:]))])
+    return padded, torch.cat([labels, labels.new_zeros(dummies)])
+
+
 def _dummy_token_rows(name: str, like: torch.Tensor, count: int) -> torch.Tensor:
     """``count`` rows shaped as ``like``'s: padding ids, an attention mask of ones (full-length compute)."""
     fill = 1 if name == "attention_mask" else 0

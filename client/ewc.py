@@ -152,7 +152,7 @@ def estimate_importance(
     _check_estimate_args(model, mechanism, noise)
     import torch
 
-    from client.dp_training import per_sample_gradient_hooks
+    from client.dp_training import fixed_batch_size, padded_batch, per_sample_gradient_hooks
 
     clip = mechanism.max_grad_norm
     noise_std = mechanism.noise_multiplier * clip**2
@@ -164,8 +164,11 @@ def estimate_importance(
             steps += 1
             if steps > mechanism.steps:
                 break
+            real = len(labels)
+            if mechanism.private:  # as DP-SGD: a fixed public batch, so the time does not show the draw
+                inputs, labels = padded_batch(inputs, labels, fixed_batch_size(mechanism))
             if len(labels) > 0:
-                _add_clipped_squares(model, params, totals, inputs, labels, clip)
+                _add_clipped_squares(model, params, totals, inputs, labels, clip, real)
             for total in totals.values():
                 total += noise.gaussian(total.shape, noise_std, "cpu", torch.float64)
     if steps != mechanism.steps:
@@ -366,9 +369,18 @@ def _dropout_off(model: Any) -> None:
 
 
 def _add_clipped_squares(
-    model: Any, params: Mapping[str, Any], totals: dict[str, Any], inputs: Any, labels: Any, clip_norm: float
+    model: Any,
+    params: Mapping[str, Any],
+    totals: dict[str, Any],
+    inputs: Any,
+    labels: Any,
+    clip_norm: float,
+    real: int,
 ) -> None:
-    """One batch: per-sample gradients, clipped jointly to ``clip_norm``, squared, summed into ``totals``."""
+    """One batch: per-sample gradients, clipped jointly to ``clip_norm``, squared, summed into ``totals``.
+
+    Only the first ``real`` rows count; the rest are padding (their terms are zeroed).
+    """
     import warnings
 
     import torch
@@ -388,6 +400,7 @@ def _add_clipped_squares(
     }
     norms = torch.sqrt(sum(g.reshape(len(labels), -1).pow(2).sum(dim=1) for g in samples.values()))
     factor = (clip_norm / (norms + _CLIP_EPSILON)).clamp(max=1.0)
+    factor[real:] = 0.0  # padding rows contribute nothing
     for name, g in samples.items():
         totals[name] += (g * factor.view(-1, *([1] * (g.dim() - 1)))).pow(2).sum(dim=0)
 

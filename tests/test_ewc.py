@@ -197,6 +197,27 @@ def test_importance_matches_a_one_example_loop_on_a_lora_bert(tiny_model_dir, cl
     assert estimate.ledger_steps == (0.0, 0.4, 3)  # the empty batch is a step too
 
 
+def test_padding_rows_of_a_private_estimate_add_nothing(tiny_model_dir):
+    """Under DP every batch is padded to a fixed size (timing); with negligible noise it still equals the loop."""
+    model = tiny_lora_bert(tiny_model_dir)
+    generator = torch.Generator().manual_seed(2)
+    batches = []
+    for size in (5, 0, 3):
+        ids = torch.randint(1000, 5000, (size, 10), generator=generator)
+        batches.append(
+            (
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                torch.randint(0, 5, (size,), generator=generator),
+            )
+        )
+    model.train()
+    mechanism = SgdMechanism(1e-20, 0.4, 3, 0.05, 0.4 * 10)  # private (so padded), noise far below the values
+    estimate = estimate_importance(model, batches, mechanism, NoiseSource.seeded(0))
+    reference = loop_importance(model, batches, 0.05, expected=0.4 * 10 * 3)
+    for name, value in reference.items():
+        np.testing.assert_allclose(estimate.importance[name], value, rtol=1e-4, atol=1e-9 * np.abs(value).max())
+
+
 def test_importance_noise_has_the_calibrated_scale():
     torch.manual_seed(0)
     model = nn.Linear(50, 4, bias=False)
