@@ -231,16 +231,10 @@ def train_private(
     device = _device_of(model)
     fixed_shape = mechanism.private
 
-    def row_losses(index: torch.Tensor, dummies: int) -> torch.Tensor:
-        rows = data.rows(index)
-        if dummies:  # full-length rows of padding tokens, attended to: the same compute as a real record
-            rows = {
-                name: torch.cat([tensor, _dummy_token_rows(name, tensor, dummies)]) for name, tensor in rows.items()
-            }
+    def row_losses(index: torch.Tensor, size: int) -> torch.Tensor:
+        rows, target = padded_batch(data.rows(index), data.labels[index], size)
         inputs = {name: tensor.to(device) for name, tensor in (rows if fixed_shape else trim_padding(rows)).items()}
-        logits = model(**inputs).logits
-        labels = torch.cat([data.labels[index], data.labels.new_zeros(dummies)])
-        return F.cross_entropy(logits, labels.to(device), reduction="none")
+        return F.cross_entropy(model(**inputs).logits, target.to(device), reduction="none")
 
     return _dp_sgd(model, row_losses, len(data), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
 
@@ -273,11 +267,9 @@ def train_private_features(
     device = _device_of(head)
     labels = labels.long()
 
-    def row_losses(index: torch.Tensor, dummies: int) -> torch.Tensor:
-        batch = torch.cat([features[index], features.new_zeros((dummies, features.shape[1]))])  # dummies: zero rows
-        logits = head(batch.to(device))
-        target = torch.cat([labels[index], labels.new_zeros(dummies)])
-        return F.cross_entropy(logits, target.to(device), reduction="none")
+    def row_losses(index: torch.Tensor, size: int) -> torch.Tensor:
+        batch, target = padded_batch(features[index], labels[index], size)
+        return F.cross_entropy(head(batch.to(device)), target.to(device), reduction="none")
 
     return _dp_sgd(head, row_losses, len(labels), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
 
@@ -323,7 +315,7 @@ def _dummy_token_rows(name: str, like: torch.Tensor, count: int) -> torch.Tensor
 
 def _dp_sgd(
     module: torch.nn.Module,
-    row_losses: Callable[[torch.Tensor, int], torch.Tensor],
+    row_losses: Callable[[torch.Tensor, int], torch.Tensor],  # (batch, rows padded up to) -> per-row losses
     records: int,
     mechanism: SgdMechanism,
     learning_rate: float,
@@ -355,7 +347,7 @@ def _dp_sgd(
                     for param in params:
                         param.grad_sample = param.new_zeros((0, *param.shape))
                 else:
-                    per_row = row_losses(index, dummies)
+                    per_row = row_losses(index, padded)
                     with warnings.catch_warnings():  # LoRA layers fed by frozen layers: expected, and harmless here
                         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
                         per_row.mean().backward()  # a mean over every row computed: LOSS_REDUCTION for the hooks

@@ -174,15 +174,9 @@ def run_class_sums(
     runtime: SiteRuntime, positions: np.ndarray, classes: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource
 ) -> np.ndarray:
     """One Gaussian release of the class sums of ``positions`` (sensitivity 1) on the rows ``classes``."""
-    features = frozen_features(runtime, "train")[positions]
-    labels = runtime.data.train.labels.numpy()[positions]
-    sums = class_feature_sums(
-        features.reshape(len(positions), -1)
-        if len(positions)
-        else np.zeros((0, frozen_features(runtime, "train").shape[1])),
-        labels,
-        len(runtime.data.label_names),
-    )
+    rows = np.asarray(positions, dtype=np.int64)  # an empty experience indexes to a (0, dim) block
+    features, labels = frozen_features(runtime, "train")[rows], runtime.data.train.labels.numpy()[rows]
+    sums = class_feature_sums(features, labels, len(runtime.data.label_names))
     return release_class_sums(sums, classes, mechanism.noise_multiplier, noise).sums
 
 

@@ -322,6 +322,10 @@ class PrivacyLedger:
         order = self.filter_order if self.filter_order is not None else best_order(entries, self.delta)
         return epsilon_at(rdp_of(entries)[FILTER_ORDERS.index(order)], order, self.delta)
 
+    def divergence(self, order: float) -> float:
+        """The history's Renyi divergence at ``order`` (one of FILTER_ORDERS): the sum the filter bounds."""
+        return rdp_of(self.history)[FILTER_ORDERS.index(float(order))]
+
     def epsilon(self) -> float:
         """Epsilon guaranteed so far (the filter's conversion of the whole history)."""
         return self.epsilon_of(self.history)

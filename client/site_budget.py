@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from client.mechanisms import SgdMechanism, Step
-from client.privacy_ledger import FILTER_ORDERS, BudgetError, LedgerError, PrivacyLedger, best_order, rdp_of
+from client.privacy_ledger import BudgetError, LedgerError, PrivacyLedger, best_order
 from client.site_policy import SitePolicy
 from client.site_state import SiteState
 from fedcl.atomic_files import write_json_atomic
@@ -82,7 +82,7 @@ class SiteBudget:
             sigma = _smallest_fitting(ledger, entries)
         ledger.commit_order(best_order([*ledger.history, *entries(sigma)], ledger.delta))
         if proposed <= 0:
-            write_json_atomic(self.state.folder / "noise.json", {"noise_multiplier": sigma})
+            write_json_atomic(self.state.noise_hint, {"noise_multiplier": sigma})
         return sigma
 
     def can_afford(self, mechanisms: Sequence[SgdMechanism]) -> bool:
@@ -118,7 +118,7 @@ class SiteBudget:
                 "format": "fedcl-sentinel",
                 "dp_steps_total": self.ledger.total_steps,
                 "filter_order": order,
-                "rdp_at_order": rdp_of(self.ledger.history)[FILTER_ORDERS.index(order)] if order else None,
+                "rdp_at_order": self.ledger.divergence(order) if order else None,
             },
         )
 
@@ -139,7 +139,7 @@ class SiteBudget:
         return self.ledger
 
     def _committed_sigma(self) -> float:
-        path = self.state.folder / "noise.json"
+        path = self.state.noise_hint
         if not path.exists():
             return 0.0
         try:
@@ -151,11 +151,7 @@ class SiteBudget:
 def _smallest_fitting(ledger: PrivacyLedger, entries: Callable[[float], list[Step]]) -> float:
     """Bisection (in log sigma) for the smallest sigma whose entries the filter lets through."""
 
-    def fits(sigma: float) -> bool:
-        order = ledger.filter_order
-        if order is None:  # not committed yet: the best order for this plan
-            trial = PrivacyLedger(ledger.target_epsilon, ledger.delta, [*ledger.history, *entries(sigma)])
-            return trial.epsilon() <= ledger.target_epsilon
+    def fits(sigma: float) -> bool:  # before the order is committed, the ledger prices at the best order
         return ledger.can_afford(entries(sigma))
 
     high = 1.0
@@ -239,9 +235,7 @@ def _open_ledger(state: SiteState, policy: SitePolicy) -> PrivacyLedger:
         )
     if sentinel is not None and sentinel.get("rdp_at_order") is not None:
         order = float(sentinel["filter_order"])
-        if ledger.filter_order != order or rdp_of(ledger.history)[FILTER_ORDERS.index(order)] < float(
-            sentinel["rdp_at_order"]
-        ) * (1 - 1e-9):
+        if ledger.filter_order != order or ledger.divergence(order) < float(sentinel["rdp_at_order"]) * (1 - 1e-9):
             raise LedgerError(
                 f"privacy ledger {state.ledger} prices less than the sentinel recorded (another filter order, or "
                 f"cheaper entries than were spent): it was replaced or rolled back; {restore}"

@@ -215,13 +215,13 @@ def site_round(
             return RoundResult("refused", replayed, {"experience": experience})
         result = _run(runtime, plan, budget, state, where.phase, experience, where.round_in_slot, server_round, noise)
         if run_id is not None and result.status == "trained":
-            write_json_atomic(state.folder / "last_round.json", {"run": int(run_id), "round": server_round})
+            write_json_atomic(state.last_round, {"run": int(run_id), "round": server_round})
         return result
 
 
 def _replayed_round(state: SiteState, run_id: int | None, server_round: int) -> str:
     """The reason to refuse a round this run already trained (or an earlier one), else an empty string."""
-    path = state.folder / "last_round.json"
+    path = state.last_round
     if run_id is None or not path.exists():
         return ""
     last = json.loads(path.read_text(encoding="utf-8"))

@@ -35,20 +35,38 @@ class SiteState:
         return self.folder / "site.lock"
 
     @property
+    def noise_hint(self) -> Path:
+        """The noise multiplier the site's budget last chose (kept while the plan fits; the ledger guards)."""
+        return self.folder / "noise.json"
+
+    @property
+    def last_round(self) -> Path:
+        """The run and server round the site last trained (a replayed round of that run is declined)."""
+        return self.folder / "last_round.json"
+
+    @property
+    def local_metrics(self) -> Path:
+        """Values computed from private records without noise: for the site operator, never sent."""
+        return self.folder / "local_metrics.jsonl"
+
+    @property
     def data_fingerprint(self) -> Path:
         """A digest of the records the site trains and evaluates on (``client/data_fingerprint.py``)."""
         return self.folder / "data.fingerprint"
 
     def training_files(self) -> list[Path]:
         """State files that only a site that has trained can have (a ledger must exist beside them)."""
-        names = (
-            "replay_buffer.safetensors",
-            "replay.key",
-            "ewc_state.safetensors",
-            "noise.json",
-            "local_metrics.jsonl",
+        from client.ewc import EWC_FILE
+        from client.replay_buffer import BUFFER_FILE, KEY_FILE
+
+        files = (
+            self.folder / BUFFER_FILE,
+            self.folder / KEY_FILE,
+            self.folder / EWC_FILE,
+            self.noise_hint,
+            self.local_metrics,
         )
-        return [self.folder / name for name in names if (self.folder / name).exists()]
+        return [path for path in files if path.exists()]
 
 
 def open_state(folder: Path) -> SiteState:
@@ -63,5 +81,5 @@ def log_local_metrics(state: SiteState, server_round: int, metrics: Mapping[str,
     The site operator reads them there (e.g. the training loss under DP).
     """
     if metrics:
-        with (state.folder / "local_metrics.jsonl").open("a", encoding="utf-8") as log:
+        with state.local_metrics.open("a", encoding="utf-8") as log:
             log.write(json.dumps({"round": server_round, **metrics}) + "\n")
