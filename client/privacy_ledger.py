@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.mechanisms import Step  # (noise_multiplier, sample_rate, steps), as in Opacus' history
 from client.state_files import write_atomic
 from fedcl.run_config import ConfigError
 
@@ -56,8 +57,6 @@ LEDGER_VERSION = (
 FILTER_MECHANISM = "rdp-filter"
 MAX_WORKABLE_NOISE = 20.0  # above this the noise std is 20x the clip per step: the update is noise
 NOISE_SEARCH_CEILING = 1e6  # Opacus' own MAX_SIGMA; past it no noise level meets the budget
-
-Step = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as in Opacus' history
 
 
 class LedgerError(ValueError):

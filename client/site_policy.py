@@ -39,12 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcl.run_config import ConfigError, RunConfig
+from fedcl.run_config import ACCOUNTANTS, ConfigError, RunConfig
 
 SIMULATION_ENV = "FEDCL_SIMULATION_SITES"
 POLICY_KEYS = ("dp", "target-epsilon", "delta", "accountant")
 SITE_DEFAULTS: dict[str, Any] = {"dp": True, "target-epsilon": 8.0, "delta": 1e-5, "accountant": "rdp"}
-ACCOUNTANTS = ("rdp",)  # the hard stop is an RDP filter (client/privacy_ledger.py)
 
 
 @dataclass(frozen=True)
