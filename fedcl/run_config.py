@@ -60,10 +60,16 @@ class RunConfig:
     max_train_examples: int = 0  # per site, 0 = all; caps CPU time on large corpora
     max_test_examples: int = 0  # per site, 0 = all
     seed: int = 42
+    # --- the federation's public facts (declared once; sites' records are checked against them) ------------
+    labels: str = ""  # the public label set, comma-separated; empty: the simulation launcher takes it from the dataset
+    groups: str = ""  # the public group values (stream-by = group), comma-separated; empty: as labels
     # --- federation --------------------------------------------------------
     num_rounds: int = 1  # LoRA rounds (after the probe phase of the probe-then-lora recipe)
     strategy: str = "fedavg"
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
+    min_replies: int = 0  # fewest site replies a round needs to count; 0: every one of num-sites
+    max_failed_rounds: int = 3  # failed rounds in a row after which the run stops with a non-zero status
+    resume: str = ""  # a run directory whose checkpoint this run continues (server side); empty: a fresh run
     # --- aggregation (strategies/): robustness, server optimiser, wire codec
     robust: str = "validate"  # check every reply (keys, shapes, finite, norm) first: free for honest sites
     max_update_norm: float = (
@@ -140,6 +146,15 @@ class RunConfig:
         _check_aggregation(self)
         if self.round_timeout <= 0:
             _fail("round-timeout", self.round_timeout, "use a positive number of seconds")
+        if not 0 <= self.min_replies <= self.num_sites:
+            _fail("min-replies", self.min_replies, f"use 0 (every site) or 1 .. num-sites ({self.num_sites})")
+        _positive_int("max-failed-rounds", self.max_failed_rounds)
+        for key, text in (("labels", self.labels), ("groups", self.groups)):
+            names = [name.strip() for name in text.split(",")] if text.strip() else []
+            if any(not name for name in names) or len(set(names)) != len(names):
+                _fail(key, text, "list distinct non-empty names separated by commas, e.g. \"flu,cold,other\"")
+        if self.labels.strip() and len(self.label_names) < 2:
+            _fail("labels", self.labels, "a classifier needs two or more labels")
         _positive_int("local-steps", self.local_steps)
         _positive_int("batch-size", self.batch_size)
         if self.learning_rate <= 0:
@@ -174,6 +189,21 @@ class RunConfig:
         if self.probe_learning_rate <= 0:
             _fail("probe-learning-rate", self.probe_learning_rate, "use a positive learning rate, e.g. 0.5")
         _check_continual(self)
+
+    @property
+    def label_names(self) -> list[str]:
+        """The federation's public label set (``labels``), in the order that numbers the classes."""
+        return [name.strip() for name in self.labels.split(",") if name.strip()]
+
+    @property
+    def group_names(self) -> list[str]:
+        """The federation's public group values (``groups``)."""
+        return [name.strip() for name in self.groups.split(",") if name.strip()]
+
+    @property
+    def required_replies(self) -> int:
+        """Replies a round needs to count (``min-replies``, 0 meaning every site)."""
+        return self.min_replies or self.num_sites
 
     @property
     def target_modules(self) -> list[str]:
