@@ -21,6 +21,7 @@ from client.data_fingerprint import check_data_fingerprint
 from client.evaluation import evaluate_adapter, evaluate_class_sums
 from client.privacy_ledger import LedgerError
 from client.site_budget import SiteBusyError
+from client.site_data import SiteDataError
 from client.site_policy import SitePolicy, check_proposal, site_policy
 from client.site_round import RoundResult, site_round
 from client.site_runtime import SiteRuntime, site_runtime
@@ -30,7 +31,6 @@ from fedcl.model_factory import configure_torch_threads
 from fedcl.protocol import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
-    LABEL_NAMES,
     METRICS_RECORD,
     REASON,
     SERVER_ROUND,
@@ -47,6 +47,10 @@ from strategies.ncm_aggregator import SUMS  # the one array of a class-sum relea
 
 app = ClientApp()
 INTERNAL_ERROR = "internal error at the site; its operator has the details in the site's log"
+DATA_ERROR = (
+    "the site's records do not fit the federation (a label or group outside the run config's set, a missing "
+    "column, an empty file); nothing was trained or spent; its operator has the details in the site's log"
+)
 
 
 def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, SitePolicy, SiteState, dict]:
@@ -61,10 +65,20 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, SitePolicy, S
     return runtime, policy, state, round_config
 
 
-def _site_record(runtime: SiteRuntime, status: str, reason: str = "") -> ConfigRecord:
-    return ConfigRecord(
-        {SITE_NAME: runtime.data.name, STATUS: status, REASON: reason, LABEL_NAMES: list(runtime.data.label_names)}
-    )
+def _site_record(site: str, status: str, reason: str = "") -> ConfigRecord:
+    return ConfigRecord({SITE_NAME: site, STATUS: status, REASON: reason})
+
+
+def _refusal(msg: Message, context: Context, err: Exception) -> Message:
+    """The reply of a site that cannot take part: its data do not fit (details only in its log), or its settings."""
+    site = str(context.node_config.get("site-name", "") or f"node-{context.node_id}")
+    if isinstance(err, SiteDataError):  # its text names records' labels: it stays on site
+        log(ERROR, "%s: %s", site, err)
+        reason = DATA_ERROR
+    else:  # decided by the run and node configs, not by records
+        log(ERROR, "%s: %s", site, err)
+        reason = str(err)
+    return Message(content=RecordDict({SITE_RECORD: _site_record(site, "refused", reason)}), reply_to=msg)
 
 
 def reply_metrics(result: RoundResult, dp: bool) -> dict[str, float]:
@@ -76,7 +90,10 @@ def reply_metrics(result: RoundResult, dp: bool) -> dict[str, float]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run this site's round on its private training records (or decline, with the reason)."""
-    runtime, policy, state, round_config = _prepare(msg, context)
+    try:
+        runtime, policy, state, round_config = _prepare(msg, context)
+    except ConfigError as err:  # SiteDataError included
+        return _refusal(msg, context, err)
     ncm = runtime.config.recipe == "ncm"
     received = {} if ncm else received_arrays(msg, runtime)
     if not ncm:
@@ -92,7 +109,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             METRICS_RECORD: MetricRecord(reply_metrics(result, policy.dp)),
-            SITE_RECORD: _site_record(runtime, result.status, result.reason),
+            SITE_RECORD: _site_record(runtime.data.name, result.status, result.reason),
         }
     )
     if result.status == "trained":
@@ -104,7 +121,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's own test split (allow-listed keys only)."""
-    runtime, policy, _, round_config = _prepare(msg, context)
+    try:
+        runtime, policy, _, round_config = _prepare(msg, context)
+    except ConfigError as err:
+        return _refusal(msg, context, err)
     server_round = int(round_config.get(SERVER_ROUND, 1))
     try:
         if runtime.config.recipe == "ncm":
@@ -117,8 +137,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     except Exception:  # as in train: the text stays in the site's log
         log(ERROR, "%s: the evaluation failed:\n%s", runtime.data.name, traceback.format_exc())
         return Message(
-            content=RecordDict({SITE_RECORD: _site_record(runtime, "refused", INTERNAL_ERROR)}), reply_to=msg
+            content=RecordDict({SITE_RECORD: _site_record(runtime.data.name, "refused", INTERNAL_ERROR)}), reply_to=msg
         )
     released = {key: value for key, value in metrics.items() if allowed_evaluation_metric(key, policy.dp)}
-    content = RecordDict({METRICS_RECORD: MetricRecord(released), SITE_RECORD: _site_record(runtime, "evaluated")})
+    content = RecordDict(
+        {METRICS_RECORD: MetricRecord(released), SITE_RECORD: _site_record(runtime.data.name, "evaluated")}
+    )
     return Message(content=content, reply_to=msg)

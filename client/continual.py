@@ -1,10 +1,10 @@
 """The site's stream and the continual hooks of its round: the experience plan, replay and EWC.
 
 Every run is a stream: a plain run is a stream with one experience holding
-every label (``simulations/streams.py``), so one site round serves both.
+every label (``fedcl/experience_plan.py``), so one site round serves both.
 
 - :func:`stream_context`: the global experience plan (public: a seeded
-  function of the run config and the dataset's label set), this site's
+  function of the run config's label set and stream keys), this site's
   records per experience, and the schedule.
 - :func:`absorb_finished`: the replay buffer (``client/replay_buffer.py``:
   each record kept by an independent keyed Bernoulli draw) absorbs every
@@ -32,10 +32,9 @@ from client.head_features import head_module
 from client.local_training import Encoded
 from client.replay_buffer import ReplayBuffer, record_ids
 from client.secure_noise import NoiseSource
-from client.site_runtime import SiteRuntime, dataset_and_sites
+from client.site_runtime import SiteRuntime
+from fedcl.experience_plan import ExperiencePlan, SiteStream, plan_from_config, site_stream
 from fedcl.experience_schedule import PROBE, ExperienceSchedule
-from simulations.continual_setup import streams_of
-from simulations.streams import ExperiencePlan, SiteStream, experience_labels
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class StreamContext:
         if sent and json.loads(sent) != self.plan.to_dict():
             raise ValueError(
                 "the server's experience plan differs from this site's: server and sites must run the "
-                "same dataset, stream keys and seed"
+                "same labels, stream keys and seed"
             )
 
 
@@ -70,16 +69,18 @@ _CONTEXTS: dict[tuple, StreamContext] = {}
 
 
 def stream_context(runtime: SiteRuntime) -> StreamContext:
-    """The site's stream context, built once per process and config (the plan is seeded and global)."""
+    """The site's stream context, built once per process, config and site (the plan is seeded and public)."""
     config = runtime.config
-    key = (tuple(sorted(config.to_flat().items())), runtime.data.index)
+    key = (
+        tuple(sorted(config.to_flat().items())),
+        runtime.data.name,
+        hash((*runtime.data.train_keys, None, *runtime.data.test_keys)),
+    )
     if key not in _CONTEXTS:
-        data, sites = dataset_and_sites(config)
-        plan, streams = streams_of(config, data, sites)
+        plan = plan_from_config(config)
+        stream = site_stream(plan, runtime.data.name, runtime.data.train_keys, runtime.data.test_keys)
         schedule = ExperienceSchedule.from_config(config, len(plan))
-        _CONTEXTS[key] = StreamContext(
-            plan, streams[runtime.data.index], schedule, tuple(experience_labels(plan, data))
-        )
+        _CONTEXTS[key] = StreamContext(plan, stream, schedule, tuple(plan.label_ids(config.label_names)))
     return _CONTEXTS[key]
 
 

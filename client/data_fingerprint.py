@@ -1,10 +1,10 @@
 """The records a site's state directory belongs to: a digest checked at every message.
 
-The run config (sent by the server) still decides which file and which
-split a simulated site reads. Without this check, a server could start a
-new run on the same state directory with another seed or test fraction,
-turn records the ledger already counts as training records into "test"
-records, and read noise-free evaluation figures on them; a replay buffer's
+The site's node config names its files and its train/test split (a seeded
+hold-out that no run config changes). Without this check, an operator's
+change of files or split on a used state directory could turn records the
+ledger already counts as training records into "test" records, whose
+noise-free evaluation figures then leave the site; a replay buffer's
 stored positions would also point at other records. So the first message a
 site answers stores a SHA-256 of its tokenised training and test records
 (``data.fingerprint`` in its state directory), and every later message
@@ -50,8 +50,8 @@ def check_data_fingerprint(state: SiteState, runtime: SiteRuntime) -> None:
         raise ConfigError(f"{path} is damaged ({err}); restore the state directory from its backup") from err
     if stored != digest:
         raise ConfigError(
-            "this site's training or test records differ from those its state directory was used with: the run "
-            "config chose another dataset or split (dataset, seed, test-fraction, partition, num-sites, "
-            "max-train-examples, max-test-examples, max-length, model); run with the earlier settings, or, for "
-            "records that are really new, start a new state-dir"
+            "this site's training or test records differ from those its state directory was used with (its "
+            "data-path, test-path, test-fraction, split-seed or columns, or the run's labels, max-length or "
+            "model changed); use the earlier files and settings, or, for records that are really new, start a "
+            "new state-dir"
         )

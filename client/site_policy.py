@@ -87,7 +87,8 @@ def _coerce_bool(key: str, value: Any) -> bool:
     raise ConfigError(f"node config '{key}' = {value!r}: use true or false")
 
 
-def _simulation_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+def simulation_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    """What the simulation launcher hands its virtual sites (``FEDCL_SIMULATION_SITES``), or {} outside one."""
     raw = environ.get(SIMULATION_ENV, "")
     if not raw:
         return {}
@@ -105,7 +106,7 @@ def site_policy(node_config: Mapping[str, Any], environ: Mapping[str, str] | Non
     simulation: node config ``state-dir`` is required) or a value is invalid.
     """
     environ = os.environ if environ is None else environ
-    simulation = _simulation_settings(environ)
+    simulation = simulation_settings(environ)
     launcher_policy = simulation.get("policy", {}) if isinstance(simulation.get("policy"), dict) else {}
     values = {key: node_config.get(key, launcher_policy.get(key, SITE_DEFAULTS[key])) for key in POLICY_KEYS}
     configured = str(node_config.get("state-dir", "") or "")

@@ -1,111 +1,112 @@
-"""Everything one site needs for a message: its config, its data splits and the model.
+"""Everything one site needs for a message: the parsed run config, its own records and the model.
 
-Data are loaded, split and tokenised once per process and kept (in a
-simulation one worker serves several virtual sites; in a deployment each
+The site reads its own files (``client/site_data.py``), numbers their labels
+by the federation's public label set and tokenises them once per process (in
+a simulation one worker serves several virtual sites; in a deployment each
 message starts a fresh process, so this is rebuilt each time).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from client.device import site_device
 from client.local_training import Encoded, encode
+from client.site_data import SiteFiles, SiteRecords, load_site_records, site_files
 from fedcl.model_factory import AdapterModel, load_adapter_model
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
-from simulations.data_sources import LabelledTexts, load_dataset
-from simulations.scenarios import SiteSplit, split_sites
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """One site's tokenised train and test splits."""
+    """One site's tokenised train and test records, and each record's stream key (label or group name)."""
 
     name: str
     index: int
     train: Encoded
     test: Encoded
     label_names: list[str]
+    train_keys: list[str]
+    test_keys: list[str]
 
 
 @dataclass(frozen=True)
 class SiteRuntime:
-    """The parsed config, this site's data and the shared adapter model."""
+    """The parsed config, this site's data, the shared adapter model and the device it computes on."""
 
     config: RunConfig
     data: SiteData
     adapter: AdapterModel
+    device: torch.device
 
 
-_DATASETS: dict[tuple, tuple[LabelledTexts, list[SiteSplit]]] = {}
 _ENCODED: dict[tuple, SiteData] = {}
 
 
-def site_index(node_config: Mapping[str, Any], config: RunConfig) -> int:
-    """This node's site number, from node config ``partition-id`` (checked against ``num-sites``)."""
-    if "partition-id" not in node_config:
-        raise ConfigError(
-            "node config 'partition-id' is missing; start the SuperNode with --node-config \"partition-id=0 num-partitions=N\""
-        )
-    index = int(node_config["partition-id"])
-    partitions = int(node_config.get("num-partitions", config.num_sites))
-    if partitions != config.num_sites:
-        raise ConfigError(
-            f"config key 'num-sites' = {config.num_sites}: the federation has {partitions} sites; "
-            f"set num-sites = {partitions} (or start {config.num_sites} SuperNodes)"
-        )
-    if not 0 <= index < config.num_sites:
-        raise ConfigError(f"node config 'partition-id' = {index}: use 0 .. {config.num_sites - 1}")
-    return index
+def stream_keys(records: SiteRecords, config: RunConfig) -> list[str]:
+    """Each record's key in the experience plan: its group value (stream-by group) or its label name."""
+    if records.groups is not None:
+        return list(records.groups)
+    return [config.label_names[label] for label in records.labels.tolist()]
 
 
-def _data_key(config: RunConfig) -> tuple:
-    """The settings that decide the dataset and its split into sites."""
-    return (
-        config.dataset,
-        config.text_column,
-        config.label_column,
-        config.group_column,
-        config.partition,
-        config.dirichlet_alpha,
-        config.num_sites,
-        config.test_fraction,
-        config.max_train_examples,
-        config.max_test_examples,
-        config.seed,
+def site_data(config: RunConfig, files: SiteFiles, tokenizer: Any) -> SiteData:
+    """This site's records, checked against the public label set and tokenised (cached per process).
+
+    Raises :class:`client.site_data.SiteDataError` for records that do not fit.
+    """
+    stat = [
+        (p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (files.data_path, files.test_path) if p and p.exists()
+    ]
+    key = (
+        files,
+        tuple(stat),
+        config.labels,
+        config.groups,
+        config.stream,
+        config.stream_by,
+        config.model,
+        config.max_length,
     )
-
-
-def dataset_and_sites(config: RunConfig) -> tuple[LabelledTexts, list[SiteSplit]]:
-    """Load the dataset and split it into sites (cached per process)."""
-    key = _data_key(config)
-    if key not in _DATASETS:
-        data = load_dataset(config)
-        _DATASETS[key] = (data, split_sites(data.labels, data.groups, config))
-    return _DATASETS[key]
-
-
-def site_data(config: RunConfig, index: int, tokenizer: Any) -> SiteData:
-    """This site's splits, tokenised (cached per process)."""
-    key = (*_data_key(config), config.model, config.max_length, index)
     if key not in _ENCODED:
-        data, sites = dataset_and_sites(config)
-        split = sites[index]
+        train, test = load_site_records(files, config)
         _ENCODED[key] = SiteData(
-            name=split.name,
-            index=index,
-            train=encode(tokenizer, [data.texts[i] for i in split.train], data.labels[split.train], config.max_length),
-            test=encode(tokenizer, [data.texts[i] for i in split.test], data.labels[split.test], config.max_length),
-            label_names=data.label_names,
+            name=files.site_name,
+            index=files.index,
+            train=encode(tokenizer, train.texts, train.labels, config.max_length),
+            test=encode(tokenizer, test.texts, test.labels, config.max_length),
+            label_names=list(config.label_names),
+            train_keys=stream_keys(train, config),
+            test_keys=stream_keys(test, config),
         )
     return _ENCODED[key]
 
 
-def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteRuntime:
-    """Assemble the runtime for one message from Flower's run and node configs."""
+def site_runtime(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> SiteRuntime:
+    """Assemble the runtime for one message from Flower's run and node configs.
+
+    Raises :class:`ConfigError` when the run config declares no label set or
+    the node config does not name the site's files.
+    """
     config = parse_run_config(run_config)
-    index = site_index(node_config, config)
-    data, _ = dataset_and_sites(config)
-    adapter = load_adapter_model(config, num_labels=len(data.label_names))
-    return SiteRuntime(config, site_data(config, index, adapter.tokenizer), adapter)
+    if len(config.label_names) < 2:
+        raise ConfigError(
+            f"config key 'labels' = {config.labels!r}: the federation's label set is public and declared once in "
+            'the run config; run with labels="a,b,c" (the simulation launcher fills it in from the dataset)'
+        )
+    files = site_files(node_config, config, environ)
+    if config.site_offsets and "partition-id" not in node_config:
+        raise ConfigError(
+            f"config key 'site-offsets' = {config.site_offsets!r} gives offsets by site number: start this "
+            "SuperNode with partition-id=<its number> in its --node-config, or leave site-offsets empty"
+        )
+    device = site_device(node_config)
+    adapter = load_adapter_model(config, num_labels=len(config.label_names), device=device)
+    return SiteRuntime(config, site_data(config, files, adapter.tokenizer), adapter, device)

@@ -25,7 +25,7 @@ SERVER_ROUND = "server-round"
 PHASE = "phase"  # informative: the site derives the phase itself and refuses a message that disagrees
 
 # --- the site record of a reply ----------------------------------------------
-SITE_NAME, STATUS, REASON, LABEL_NAMES = "site", "status", "reason", "label-names"
+SITE_NAME, STATUS, REASON = "site", "status", "reason"  # the label set is public, in the run config
 
 # --- training-reply metrics a site may send under DP -------------------------
 # public: the run plan, the site policy and its nominal size decide them

@@ -1,7 +1,8 @@
 """The server's side of a continual run: the experience schedule it sends, and the accuracy matrix it builds.
 
 With a stream (or the nearest-class-mean recipe) the server computes the
-experience plan once from the dataset, runs ``J + max(site-offsets)`` slots of
+experience plan once from the run config's public label set and stream keys
+(``fedcl/experience_plan.py``; the server needs no data), runs ``J + max(site-offsets)`` slots of
 ``rounds-per-experience`` rounds (``fedcl/experience_schedule.py``) and sends
 with every training round its phase, slot, round within the slot and the plan
 as JSON. After the last round of each slot it sums the sites' evaluation
@@ -27,6 +28,7 @@ from typing import Any
 
 from flwr.common.logger import log
 
+from fedcl.experience_plan import describe_plan, plan_from_config
 from fedcl.experience_schedule import ExperienceSchedule
 from fedcl.run_config import RunConfig
 from server.continual_metrics import accuracy_matrix, continual_summary, experience_rows
@@ -38,12 +40,9 @@ class ContinualRun:
     """Schedule and accuracy matrix of one continual run (see the module docstring)."""
 
     def __init__(self, config: RunConfig, run_dir: Path) -> None:
-        from simulations.continual_setup import describe_plan, experience_plan
-        from simulations.data_sources import load_dataset
-
         self.config = config
         self.run_dir = run_dir
-        self.plan = experience_plan(config, load_dataset(config))
+        self.plan = plan_from_config(config)
         self.plan_json = json.dumps(self.plan.to_dict(), sort_keys=True)
         self.schedule = ExperienceSchedule.from_config(config, len(self.plan))
         self.correct: list[list[int]] = []

@@ -25,10 +25,13 @@ import tomllib
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcl.model_factory import resolve_model_path
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
+
+if TYPE_CHECKING:
+    from simulations.site_files import VirtualSites
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -52,11 +55,27 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 
 def prepare_config(overrides: dict[str, Any], cwd: Path) -> RunConfig:
-    """Merge overrides into the defaults, make paths absolute, and check everything before training."""
+    """Merge overrides into the defaults, make paths absolute, check everything, and hand the sites their files.
+
+    The returned config declares the federation's public facts taken from the
+    dataset (``labels``, ``groups``, the stream plan in label names); every
+    virtual site's files are written under ``<run-dir>/site-data/``
+    (``simulations/site_files.py``). ``resume=<run-dir>`` continues that run
+    in that same directory.
+    """
     flat = {**pyproject_defaults(), **overrides}
     config = parse_run_config(flat)
+    if config.resume:
+        resumed = (cwd / Path(config.resume).expanduser()).resolve()
+        if not (resumed / "checkpoint").is_dir():
+            raise ConfigError(
+                f"config key 'resume' = {config.resume!r}: no checkpoint/ folder there; give the run directory of "
+                "an earlier run (it holds summary.json or metrics.jsonl and checkpoint/)"
+            )
+        flat["resume"] = str(resumed)
+        flat["output-dir"] = str(resumed)
     output_dir = (
-        Path(config.output_dir) if config.output_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        Path(flat["output-dir"]) if flat.get("output-dir") else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     )
     flat["output-dir"] = str((cwd / output_dir).resolve())
     dataset = Path(config.dataset).expanduser()
@@ -66,28 +85,32 @@ def prepare_config(overrides: dict[str, Any], cwd: Path) -> RunConfig:
     if not config.model.startswith("package:") and (cwd / model).exists():
         flat["model"] = str((cwd / model).resolve())
     config = parse_run_config(flat)
-    preflight(config)
+    sites = preflight(config)
+    config = parse_run_config({**flat, **sites.public})
+    from simulations.site_files import write_site_files
+
+    write_site_files(sites, site_data_root(config))
     return config
 
 
-def preflight(config: RunConfig) -> None:
+def site_data_root(config: RunConfig) -> Path:
+    """Where the launcher writes every virtual site's files: ``<run-dir>/site-data/``."""
+    return Path(config.output_dir) / "site-data"
+
+
+def preflight(config: RunConfig) -> VirtualSites:
     """Load the data and split it, resolve the model: every user error surfaces here, before training."""
-    from simulations.data_sources import load_dataset
-    from simulations.scenarios import split_sites
+    from simulations.site_files import virtual_sites
 
     resolve_model_path(config.model)
-    data = load_dataset(config)
-    if len(data.label_names) < 2:
-        raise ConfigError(
-            f"config key 'label-column' = {config.label_column!r}: only one label value; a classifier needs two or more"
-        )
-    sites = split_sites(data.labels, data.groups, config)
+    sites = virtual_sites(config)
     from simulations.continual_setup import check_stream  # the stream plan, replay size, empty experiences
 
-    for note in check_stream(config, data, sites):
+    for note in check_stream(config, sites.data, sites.sites):
         print(f"fedcl: note: {note}", file=sys.stderr)
     if config.dp:
-        check_budget_covers_one_round(config, min(len(site.train) for site in sites))
+        check_budget_covers_one_round(config, min(len(site.train) for site in sites.sites))
+    return sites
 
 
 def check_budget_covers_one_round(config: RunConfig, smallest_site: int) -> None:
@@ -152,16 +175,18 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
 
 
 def simulated_sites_environment(config: RunConfig, run_dir: Path) -> dict[str, str]:
-    """What the launcher, as the operator of every virtual site, gives them: a state root and their policy.
+    """What the launcher, as the operator of every virtual site, gives them: a state root, their files, their policy.
 
     A real site reads both from its SuperNode's node config
     (``client/site_policy.py``); virtual sites of a simulation have no node
     config of their own, so the launcher passes the same settings through
     the environment of the processes it starts. Each virtual site keeps its
-    state in ``<run-dir>/sites/site-<partition-id>/`` and takes the budget
-    the launcher was asked for. The server never sends a path or a policy.
+    state in ``<run-dir>/sites/site-<partition-id>/``, reads its records from
+    ``<run-dir>/site-data/site-<partition-id>/`` and takes the budget the
+    launcher was asked for. The server never sends a path or a policy.
     """
     from client.site_policy import SIMULATION_ENV
+    from simulations.site_files import COLUMNS
 
     policy = {
         "dp": config.dp,
@@ -169,7 +194,13 @@ def simulated_sites_environment(config: RunConfig, run_dir: Path) -> dict[str, s
         "delta": config.delta,
         "accountant": config.accountant,
     }
-    return {SIMULATION_ENV: json.dumps({"state-root": str(run_dir.resolve() / "sites"), "policy": policy})}
+    settings = {
+        "state-root": str(run_dir.resolve() / "sites"),
+        "data-root": str(run_dir.resolve() / "site-data"),
+        "columns": COLUMNS,
+        "policy": policy,
+    }
+    return {SIMULATION_ENV: json.dumps(settings)}
 
 
 def free_local_port() -> int:
@@ -268,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedcl: error: {err}", file=sys.stderr)
         return 1
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    if summary.get("status", "completed") != "completed":
+        reason = summary.get("failure_reason") or "see the log"
+        print(f"fedcl: error: the run failed: {reason}; report {run_dir / 'summary.json'}", file=sys.stderr)
+        return 1
     print(
         f"fedcl: done in {time.time() - started:.0f} s: final mean accuracy {summary['accuracy']:.3f}; "
         f"report {run_dir / 'summary.json'}",

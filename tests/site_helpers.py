@@ -33,11 +33,45 @@ def node_config(state_dir: Path, partition: int = 0, sites: int = 2, **policy: A
     return {"partition-id": partition, "num-partitions": sites, "state-dir": str(state_dir), **policy}
 
 
+_SITE_FILES: dict[tuple, tuple[Path, dict[str, Any]]] = {}
+
+
+def virtual_site(flat: dict, site: int = 0) -> tuple[dict, dict[str, Any]]:
+    """The run config with the federation's public keys, and virtual site ``site``'s node config (files written once).
+
+    What the simulation launcher does for every virtual site
+    (``simulations/site_files.py``), for tests that run a site in-process.
+    """
+    import tempfile
+
+    from fedcl.run_config import parse_run_config
+    from simulations.site_files import virtual_node_config, virtual_sites, write_site_files
+
+    key = tuple(sorted((k, str(v)) for k, v in flat.items()))
+    if key not in _SITE_FILES:
+        sites = virtual_sites(parse_run_config(flat))
+        root = Path(tempfile.mkdtemp(prefix="fedcl-site-data-"))
+        write_site_files(sites, root)
+        _SITE_FILES[key] = (root, sites.public)
+    root, public = _SITE_FILES[key]
+    return {**flat, **public}, virtual_node_config(root, site)
+
+
+def site_context(flat: dict, state_dir: Path, partition: int = 0, node_id: int = 1, **policy: Any):
+    """A Flower Context as virtual site ``partition`` sees it: the resolved run config, its files, state and policy."""
+    from flwr.app import Context, RecordDict
+
+    resolved, files = virtual_site(flat, partition)
+    node = {**files, **node_config(state_dir, partition, int(flat.get("num-sites", 2)), **policy)}
+    return Context(run_id=1, node_id=node_id, node_config=node, state=RecordDict(), run_config=resolved)
+
+
 def runtime_of(flat: dict, site: int = 0):
     """The site's runtime with the seeded initial adapter installed (as the ClientApp does in round 1)."""
     from client.site_runtime import site_runtime
 
-    runtime = site_runtime(flat, {"partition-id": site, "num-partitions": flat["num-sites"]})
+    resolved, node = virtual_site(flat, site)
+    runtime = site_runtime(resolved, node, environ={})
     set_trainable_arrays(runtime.adapter.model, runtime.adapter.initial_state)
     return runtime
 
@@ -81,6 +115,6 @@ def forget_process_state() -> None:
     import client.site_runtime as site_runtime
     import fedcl.model_factory as model_factory
 
-    for cache in (continual._CONTEXTS, site_runtime._DATASETS, site_runtime._ENCODED, model_factory._CACHE):
+    for cache in (continual._CONTEXTS, site_runtime._ENCODED, model_factory._CACHE):
         cache.clear()
     phases.forget_cached_features()

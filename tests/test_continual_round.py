@@ -273,7 +273,14 @@ def test_server_builds_the_accuracy_matrix_from_site_counts(tmp_path):
     from strategies.site_strategy import SiteReply
 
     config = parse_run_config(
-        {"stream": "class-incremental", "num-experiences": 2, "probe-rounds": 1, "num-rounds": 0, "num-sites": 2}
+        {
+            "stream": "class-incremental",
+            "num-experiences": 2,
+            "probe-rounds": 1,
+            "num-rounds": 0,
+            "num-sites": 2,
+            "labels": "business,entertainment,politics,sport,tech",
+        }
     )
     run = ContinualRun(config, tmp_path)
     counts = {

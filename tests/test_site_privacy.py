@@ -4,6 +4,7 @@ what its replies carry, and restarts. A tiny random BERT on a small topic CSV.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -13,7 +14,14 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 from flwr.supercore.task_identity import TaskIdentity
-from site_helpers import TRAINING_REPLY_KEYS, forget_process_state, node_config, policy_of, run_round, runtime_of
+from site_helpers import (
+    TRAINING_REPLY_KEYS,
+    forget_process_state,
+    policy_of,
+    run_round,
+    runtime_of,
+    site_context,
+)
 
 from client.privacy_ledger import LedgerError, PrivacyLedger
 from client.site_budget import SiteBusyError
@@ -163,15 +171,13 @@ def test_a_proposal_against_the_sites_policy_is_refused(
         dst_node_id=1,
         message_type=MessageType.TRAIN,
     )
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config=node_config(tmp_path / "state", **{key: own}),
-        state=RecordDict(),
-        run_config=flat,
+    context = site_context(flat, tmp_path / "state", **{key: own})
+    reply = dict(train(message, context).content.config_records[SITE_RECORD])
+    assert reply["status"] == "refused"
+    assert re.search(
+        f"proposes {key} = {re.escape(repr(proposal))} but this site's policy .* says {re.escape(repr(own))}",
+        reply["reason"],
     )
-    with pytest.raises(ConfigError, match=f"proposes {key} = {proposal!r} but this site's policy .* says {own!r}"):
-        train(message, context)
     assert not (tmp_path / "state" / "privacy_ledger.json").exists()
 
 
@@ -300,9 +306,7 @@ def test_reply_keys_under_dp_are_the_allow_list(tiny_model_dir, csv_dataset, tmp
     from client.app import train
 
     flat = run_config(tiny_model_dir, csv_dataset)
-    context = Context(
-        run_id=1, node_id=1, node_config=node_config(tmp_path / "state"), state=RecordDict(), run_config=flat
-    )
+    context = site_context(flat, tmp_path / "state")
     expected = TRAINING_REPLY_KEYS
     for server_round in (1, 4):
         message = Message(
@@ -318,7 +322,7 @@ def test_reply_keys_under_dp_are_the_allow_list(tiny_model_dir, csv_dataset, tmp
 
 
 def app_context(flat: dict, state_dir: Path) -> Context:
-    return Context(run_id=1, node_id=1, node_config=node_config(state_dir), state=RecordDict(), run_config=flat)
+    return site_context(flat, state_dir)
 
 
 def app_message(server_round: int, kind: str = MessageType.TRAIN) -> Message:
@@ -334,12 +338,15 @@ def test_another_split_on_the_same_state_directory_is_refused(tiny_model_dir, cs
 
     flat = run_config(tiny_model_dir, csv_dataset)
     assert train(app_message(1), app_context(flat, tmp_path / "state")).content.config_records[SITE_RECORD]
-    resplit = {**flat, "seed": 7}
+    resplit = {**flat, "seed": 7}  # the launcher hands the virtual site other files
     forget_process_state()
-    with pytest.raises(ConfigError, match="records differ"):
-        train(app_message(2), app_context(resplit, tmp_path / "state"))
-    with pytest.raises(ConfigError, match="records differ"):
-        evaluate_global(app_message(2, MessageType.EVALUATE), app_context(resplit, tmp_path / "state"))
+    for reply in (
+        train(app_message(2), app_context(resplit, tmp_path / "state")),
+        evaluate_global(app_message(2, MessageType.EVALUATE), app_context(resplit, tmp_path / "state")),
+    ):
+        record = dict(reply.content.config_records[SITE_RECORD])
+        assert record["status"] == "refused" and "records differ" in record["reason"]
+        assert METRICS_RECORD not in reply.content.metric_records
 
 
 def test_a_site_that_trained_under_dp_refuses_a_round_without_it(tiny_model_dir, csv_dataset, tmp_path):
@@ -360,13 +367,7 @@ def test_evaluation_replies_under_dp_carry_only_the_declared_keys(tiny_model_dir
     assert set(reply.content.metric_records[METRICS_RECORD]) == {"num-examples", "accuracy", "eval-loss"}
     plain = evaluate_global(
         app_message(1, MessageType.EVALUATE),
-        Context(
-            run_id=1,
-            node_id=1,
-            node_config=node_config(tmp_path / "plain", dp=False),
-            state=RecordDict(),
-            run_config={**flat, "dp": False},
-        ),
+        site_context({**flat, "dp": False}, tmp_path / "plain", dp=False),
     )
     assert "eval-seconds" in plain.content.metric_records[METRICS_RECORD]  # timing only without DP
 

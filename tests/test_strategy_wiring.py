@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 from flwr.supercore.task_identity import TaskIdentity
+from site_helpers import runtime_of, site_context
 from strategy_helpers import random_adapter
 
 from fedcl.run_config import (
@@ -231,13 +232,9 @@ def run_client(flat: dict, message: Message, partition: int, run_dir: Path, serv
     message.content["config"] = ConfigRecord(
         {"server-round": server_round, "phase": "lora", "plan-probe-rounds": 0, "plan-lora-rounds": 3 - server_round}
     )
-    node_config = {
-        "partition-id": partition,
-        "num-partitions": 2,
-        "state-dir": str(run_dir / f"site-{partition}"),
-        "dp": flat.get("dp", True),
-    }
-    context = Context(run_id=1, node_id=partition + 1, node_config=node_config, state=RecordDict(), run_config=flat)
+    context = site_context(
+        flat, run_dir / f"site-{partition}", partition, node_id=partition + 1, dp=flat.get("dp", True)
+    )
     return train(message, context)
 
 
@@ -246,11 +243,10 @@ def _model_arrays(model) -> dict:
 
 
 def test_ffa_client_keeps_a_fixed_sends_only_b_and_head_and_does_not_leak(tiny_model_dir, topics_csv, tmp_path):
-    from client.site_runtime import site_runtime
     from fedcl.model_factory import trainable_arrays
 
     flat = client_config(tiny_model_dir, topics_csv, strategy="ffa")
-    runtime = site_runtime(flat, {"partition-id": 0, "num-partitions": 2})
+    runtime = runtime_of(flat)
     initial = runtime.adapter.initial_state
     frozen = ffa_frozen_names(initial)
     assert frozen and all("lora_A" in n for n in frozen)
@@ -287,11 +283,10 @@ def test_ffa_client_keeps_a_fixed_sends_only_b_and_head_and_does_not_leak(tiny_m
 
 @pytest.mark.parametrize("codec, ratio", [("int8", 0.65), ("fp16", 0.85)])
 def test_compressed_round_trip_through_client_and_server(tiny_model_dir, topics_csv, tmp_path, codec, ratio):
-    from client.site_runtime import site_runtime
 
     flat = client_config(tiny_model_dir, topics_csv, compression=codec, dp=False)
     config = parse_run_config(flat)
-    runtime = site_runtime(flat, {"partition-id": 0, "num-partitions": 2})
+    runtime = runtime_of(flat)
     strategy = build_strategy(config)
     grid = FakeGrid(2)
     arrays = ArrayRecord()
