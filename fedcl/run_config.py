@@ -152,7 +152,7 @@ class RunConfig:
         for key, text in (("labels", self.labels), ("groups", self.groups)):
             names = [name.strip() for name in text.split(",")] if text.strip() else []
             if any(not name for name in names) or len(set(names)) != len(names):
-                _fail(key, text, "list distinct non-empty names separated by commas, e.g. \"flu,cold,other\"")
+                _fail(key, text, 'list distinct non-empty names separated by commas, e.g. "flu,cold,other"')
         if self.labels.strip() and len(self.label_names) < 2:
             _fail("labels", self.labels, "a classifier needs two or more labels")
         _positive_int("local-steps", self.local_steps)
