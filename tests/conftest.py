@@ -38,3 +38,12 @@ def build_tiny_bert_folder(folder: Path, num_labels: int = 5) -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BERT model folder, built once per test session."""
     return build_tiny_bert_folder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture()
+def task_identity(monkeypatch):
+    """Messages need a run and node identity, which Flower sets in its own processes."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
-from flwr.supercore.task_identity import TaskIdentity
 from site_helpers import (
     TRAINING_REPLY_KEYS,
     forget_process_state,
@@ -30,13 +29,6 @@ from fedcl.protocol import ARRAYS_RECORD, DP_TRAIN_METRICS, METRICS_RECORD, SITE
 from fedcl.run_config import ConfigError
 
 WORDS = ["market", "shares", "goal", "match", "vote", "party", "film", "music", "phone", "chip"]
-
-
-@pytest.fixture()
-def task_identity(monkeypatch):
-    """Messages need a run and node identity, which Flower sets in its own processes."""
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 @pytest.fixture()
