@@ -27,6 +27,15 @@ many were drawn (a site's reply timing is visible to the server). The loss
 the hooks see is the mean over every row computed. A non-private mechanism
 trims and does not pad, as plain training does.
 
+Devices: everything runs on the device of the trained module's parameters
+(:func:`client.device.module_device`): each batch (and its dummy rows) is
+moved there per step, the noise is drawn on the CPU and moved there
+(:meth:`~client.secure_noise.NoiseSource.gaussian`: the same numbers on
+every device), the loss diagnostic comes back to the host once at the end.
+Always float32, no autocast: per-sample gradients, their norms and the
+clipping run in the parameters' own precision, so the sensitivity bound
+the accountant relies on holds as computed.
+
 Opacus is attached for one call only and removed afterwards, leaving the model
 exactly as it was (no hooks, no ``grad_sample`` or ``summed_grad`` attributes,
 same train/eval modes): the same model object serves every round and every
@@ -49,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from client.device import module_device, to_device
 from client.local_training import Encoded, trim_padding
 from client.mechanisms import SgdMechanism
 from client.secure_noise import NoiseSource
@@ -228,12 +238,12 @@ def train_private(
     for settings that make no sense, before any training.
     """
     _check_settings(mechanism, learning_rate, noise, optimizer, momentum)
-    device = _device_of(model)
+    device = module_device(model)  # the records stay where they are; each batch moves to the model's device
     fixed_shape = mechanism.private
 
     def row_losses(index: torch.Tensor, size: int) -> torch.Tensor:
         rows, target = padded_batch(data.rows(index), data.labels[index], size)
-        inputs = {name: tensor.to(device) for name, tensor in (rows if fixed_shape else trim_padding(rows)).items()}
+        inputs = to_device(rows if fixed_shape else trim_padding(rows), device)
         return F.cross_entropy(model(**inputs).logits, target.to(device), reduction="none")
 
     return _dp_sgd(model, row_losses, len(data), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
@@ -264,12 +274,12 @@ def train_private_features(
             "pass features as (records, dim) and labels as (records,)"
         )
     _check_settings(mechanism, learning_rate, noise, optimizer, momentum)
-    device = _device_of(head)
-    labels = labels.long()
+    device = module_device(head)
+    features, labels = features.to(device), labels.to(device).long()  # once: the cached features are small
 
     def row_losses(index: torch.Tensor, size: int) -> torch.Tensor:
-        batch, target = padded_batch(features[index], labels[index], size)
-        return F.cross_entropy(head(batch.to(device)), target.to(device), reduction="none")
+        batch, target = padded_batch(features[index.to(device)], labels[index.to(device)], size)
+        return F.cross_entropy(head(batch), target, reduction="none")
 
     return _dp_sgd(head, row_losses, len(labels), mechanism, learning_rate, noise, optimizer, momentum, extra_gradient)
 
@@ -310,7 +320,7 @@ def padded_batch(inputs: Any, labels: torch.Tensor, size: int) -> tuple[Any, tor
 def _dummy_token_rows(name: str, like: torch.Tensor, count: int) -> torch.Tensor:
     """``count`` rows shaped as ``like``'s: padding ids, an attention mask of ones (full-length compute)."""
     fill = 1 if name == "attention_mask" else 0
-    return torch.full((count, *like.shape[1:]), fill, dtype=like.dtype)
+    return torch.full((count, *like.shape[1:]), fill, dtype=like.dtype, device=like.device)
 
 
 def _dp_sgd(
@@ -326,7 +336,7 @@ def _dp_sgd(
 ) -> PrivateOutcome:
     """The DP-SGD loop shared by both entry points (settings already checked): exactly ``mechanism.steps`` batches."""
     started = time.perf_counter()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # kept on the device: one host copy at the end, not a sync per step
     sizes: list[int] = []
     if mechanism.steps > 0:
         with per_sample_gradient_hooks(module) as named:
@@ -355,7 +365,7 @@ def _dp_sgd(
                         for param in params:  # dummy rows contribute nothing: zero before clipping and summing
                             param.grad_sample[len(index) :] = 0
                     if len(index):
-                        losses.append(float(per_row[: len(index)].detach().mean()))
+                        losses.append(per_row[: len(index)].detach().mean())
                 sizes.append(len(index))
                 private.pre_step()  # clip, accumulate, add noise, divide by the expected batch size
                 if extra_gradient is not None:
@@ -367,7 +377,7 @@ def _dp_sgd(
         steps=len(sizes),
         max_grad_norm=float(mechanism.max_grad_norm),
         expected_batch_size=float(mechanism.expected_batch_size),
-        mean_loss=float(np.mean(losses)) if losses else math.nan,
+        mean_loss=float(np.mean(torch.stack(losses).cpu().double().numpy())) if losses else math.nan,
         mean_batch_size=float(np.mean(sizes)) if sizes else math.nan,
         seconds=time.perf_counter() - started,
     )
@@ -397,11 +407,6 @@ def _base_optimizer(name: str, params: list[torch.nn.Parameter], learning_rate: 
     if name == "adamw":
         return torch.optim.AdamW(params, lr=learning_rate)
     return torch.optim.SGD(params, lr=learning_rate, momentum=momentum)
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    first = next(module.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _check_settings(

@@ -47,7 +47,8 @@ def experience_metrics(runtime: SiteRuntime, server_round: int) -> dict[str, flo
     seen = context.seen_labels(context.schedule.experiences_seen(context.schedule.position(server_round).slot))
     with torch.no_grad():
         logits = head_module(runtime.adapter.model)(cached_head_inputs(runtime, "test"))
-    predictions = seen[logits[:, torch.as_tensor(seen)].argmax(dim=-1).numpy()]  # among the classes seen so far
+        best = logits[:, torch.as_tensor(seen, device=logits.device)].argmax(dim=-1).cpu().numpy()
+    predictions = seen[best]  # among the classes seen so far
     return experience_counts(runtime, predictions, server_round)
 
 
@@ -55,7 +56,7 @@ def experience_counts(runtime: SiteRuntime, predictions: np.ndarray, server_roun
     """``exp-J-correct``/``exp-J-total`` for the experiences seen after ``server_round``'s slot, and pooled accuracy."""
     context = stream_context(runtime)
     seen = context.schedule.experiences_seen(context.schedule.position(server_round).slot)
-    labels = runtime.data.test.labels.numpy()
+    labels = runtime.data.test.labels.cpu().numpy()
     metrics: dict[str, float] = {"experiences-seen": seen}
     correct = total = 0
     for j in range(seen):
@@ -72,7 +73,7 @@ def evaluate_class_sums(runtime: SiteRuntime, sums: np.ndarray | None, server_ro
     """Cosine nearest-class-mean on the test split with the federated class sums received."""
     from strategies.ncm_sums import predict_nearest_class
 
-    labels = runtime.data.test.labels.numpy()
+    labels = runtime.data.test.labels.cpu().numpy()
     released = [] if sums is None else np.flatnonzero(np.abs(sums).sum(axis=1) > 0)
     if len(released):
         predictions = predict_nearest_class(frozen_features(runtime, "test"), sums, released)

@@ -140,7 +140,10 @@ def estimate_importance(
     max_grad_norm**2`` from ``noise``; the total is divided by
     ``mechanism.expected_batch_size * mechanism.steps`` (public constants) and
     clamped at 0. A non-private mechanism (``noise_multiplier = 0`` with
-    ``UNBOUNDED_CLIP``) gives the plain estimate. Only the layers that own
+    ``UNBOUNDED_CLIP``) gives the plain estimate. Batches run on the model's
+    device (each is moved there); the clipped squares are summed there and
+    the float64 totals, their noise and the importances stay on the CPU,
+    so the noise is the same draw on every device. Only the layers that own
     trainable parameters run in train mode (Opacus' hooks need it);
     everything else, dropout included, runs in eval mode, so the estimate is
     deterministic. The per-sample gradients come from
@@ -152,8 +155,10 @@ def estimate_importance(
     _check_estimate_args(model, mechanism, noise)
     import torch
 
+    from client.device import module_device, to_device
     from client.dp_training import fixed_batch_size, padded_batch, per_sample_gradient_hooks
 
+    device = module_device(model)
     clip = mechanism.max_grad_norm
     noise_std = mechanism.noise_multiplier * clip**2
     steps = 0
@@ -167,6 +172,8 @@ def estimate_importance(
             real = len(labels)
             if mechanism.private:  # as DP-SGD: a fixed public batch, so the time does not show the draw
                 inputs, labels = padded_batch(inputs, labels, fixed_batch_size(mechanism))
+            inputs = to_device(inputs, device) if isinstance(inputs, Mapping) else inputs.to(device)
+            labels = labels.to(device)
             if len(labels) > 0:
                 _add_clipped_squares(model, params, totals, inputs, labels, clip, real)
             for total in totals.values():
@@ -393,7 +400,7 @@ def _add_clipped_squares(
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         loss.backward()
     samples = {
-        name: torch.zeros((len(labels), *p.shape), dtype=torch.float64)
+        name: torch.zeros((len(labels), *p.shape), dtype=torch.float64, device=p.device)
         if p.grad_sample is None
         else p.grad_sample.detach().to(torch.float64)
         for name, p in params.items()
@@ -401,8 +408,8 @@ def _add_clipped_squares(
     norms = torch.sqrt(sum(g.reshape(len(labels), -1).pow(2).sum(dim=1) for g in samples.values()))
     factor = (clip_norm / (norms + _CLIP_EPSILON)).clamp(max=1.0)
     factor[real:] = 0.0  # padding rows contribute nothing
-    for name, g in samples.items():
-        totals[name] += (g * factor.view(-1, *([1] * (g.dim() - 1)))).pow(2).sum(dim=0)
+    for name, g in samples.items():  # summed on the device, added to the CPU total
+        totals[name] += (g * factor.view(-1, *([1] * (g.dim() - 1)))).pow(2).sum(dim=0).to(totals[name].device)
 
 
 def _check_term(importance: Mapping[str, np.ndarray], anchor: Mapping[str, np.ndarray]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from peft.utils import ModulesToSaveWrapper
 
+from client.device import module_device, to_device
 from client.local_training import Encoded, EvalOutcome, trim_padding
 
 
@@ -46,15 +47,21 @@ def adapter_fingerprint(model: Any) -> str:
 
 @torch.no_grad()
 def head_inputs(model: Any, data: Encoded, batch_size: int = 64) -> torch.Tensor:
-    """Run the model in eval mode and collect the tensor entering the head, for every example."""
+    """Run the model in eval mode and collect the tensor entering the head, for every example.
+
+    Each batch is moved to the model's device; the result stays there
+    (``(records, dim)``, the head's input dtype), ready for the probe and
+    evaluation on the same device.
+    """
     head = head_module(model)
+    device = module_device(model)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach().clone()))
     model.eval()
     try:
         for start in range(0, len(data), batch_size):
             index = torch.arange(start, min(start + batch_size, len(data)))
-            model(**trim_padding(data.rows(index)))
+            model(**to_device(trim_padding(data.rows(index)), device))
     finally:
         hook.remove()
     return torch.cat(captured)
@@ -62,9 +69,13 @@ def head_inputs(model: Any, data: Encoded, batch_size: int = 64) -> torch.Tensor
 
 @torch.no_grad()
 def evaluate_head(head: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor) -> EvalOutcome:
-    """Loss and accuracy of the head on cached features (equal to evaluating the whole model)."""
+    """Loss and accuracy of the head on cached features (equal to evaluating the whole model).
+
+    Runs on the head's device (features and labels are moved there); the outcome holds plain numbers.
+    """
     started = time.perf_counter()
-    logits = head(features)
+    device = module_device(head)
+    logits, labels = head(features.to(device)), labels.to(device)
     loss = float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum")) / max(len(labels), 1)
     accuracy = int((logits.argmax(dim=-1) == labels).sum()) / max(len(labels), 1)
     return EvalOutcome(loss, accuracy, len(labels), time.perf_counter() - started)

@@ -1,4 +1,8 @@
-"""Plain (non-private) local training and evaluation of the adapter model on one site."""
+"""Plain (non-private) local training and evaluation of the adapter model on one site.
+
+Both run on the model's device (``client.device.module_device``): the
+tokenised records stay in host memory and each batch is moved there.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from client.device import module_device, to_device
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,8 @@ def train_plain(
 ) -> TrainOutcome:
     """Non-private local training: ``steps`` AdamW steps on batches drawn without replacement."""
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # batch order drawn on the CPU: the same on every device
+    device = module_device(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     model.train()
     losses, order, cursor = [], torch.randperm(len(data), generator=generator), 0
@@ -61,13 +68,14 @@ def train_plain(
             order, cursor = torch.randperm(len(data), generator=generator), 0
         index = order[cursor : cursor + batch_size]
         cursor += batch_size
-        out = model(**trim_padding(data.rows(index)), labels=data.labels[index])
+        out = model(**to_device(trim_padding(data.rows(index)), device), labels=data.labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        losses.append(float(out.loss.item()))
+        losses.append(out.loss.detach())
     model.eval()
-    return TrainOutcome(float(np.mean(losses)), steps, time.perf_counter() - started)
+    mean_loss = float(np.mean(torch.stack(losses).cpu().double().numpy())) if losses else float("nan")
+    return TrainOutcome(mean_loss, steps, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -82,14 +90,15 @@ class EvalOutcome:
 
 @torch.no_grad()
 def evaluate(model: Any, data: Encoded, batch_size: int) -> EvalOutcome:
-    """Mean cross-entropy and accuracy of ``model`` on ``data``."""
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (computed on the model's device)."""
     started = time.perf_counter()
+    device = module_device(model)
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
-        labels = data.labels[index]
-        logits = model(**trim_padding(data.rows(index))).logits
+        labels = data.labels[index].to(device)
+        logits = model(**to_device(trim_padding(data.rows(index)), device)).logits
         total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=-1) == labels).sum())
     n = max(len(data), 1)

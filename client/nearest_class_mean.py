@@ -58,15 +58,18 @@ def mean_pooled_features(model: Any, inputs: Mapping[str, Any], batch_size: int 
 
     ``model`` is a Hugging Face model; a PEFT model runs with its adapters
     disabled (``disable_adapter()``), so only the frozen base counts. Padding
-    positions (``attention_mask == 0``) are left out of the mean.
+    positions (``attention_mask == 0``) are left out of the mean. Each chunk
+    runs on the model's device (moved there); the features come back to the
+    host as numpy.
     """
     import torch
 
+    from client.device import module_device, to_device
     from fedcl.pooled_classifier import mean_pool
 
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size!r}: use at least 1")
-    mask_all = inputs.get("attention_mask")
+    device = module_device(model)
     total = len(next(iter(inputs.values())))
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     was_training = model.training
@@ -75,13 +78,12 @@ def mean_pooled_features(model: Any, inputs: Mapping[str, Any], batch_size: int 
         model.eval()
         with disabled, torch.no_grad():
             for start in range(0, total, batch_size):
-                chunk = {k: v[start : start + batch_size] for k, v in inputs.items()}
+                chunk = to_device({k: v[start : start + batch_size] for k, v in inputs.items()}, device)
                 output = model(**chunk, output_hidden_states=True)
                 hidden = (
                     output.hidden_states[-1] if getattr(output, "hidden_states", None) else output.last_hidden_state
                 )
-                mask = mask_all[start : start + batch_size] if mask_all is not None else None
-                chunks.append(mean_pool(hidden, mask).cpu().numpy())
+                chunks.append(mean_pool(hidden, chunk.get("attention_mask")).cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), dtype=np.float32)

@@ -6,6 +6,11 @@
 - :func:`run_importance`: the private EWC importance estimate on an experience's records.
 - :func:`run_class_sums`: the nearest-class-mean release of one experience's class sums.
 
+Every phase runs on the device of the site's model (``runtime.adapter.model``,
+placed by ``fedcl.model_factory.load_adapter_model``): the cached head inputs
+live there, batches move there, and what a phase returns for a reply or a
+state file (class sums, importances, outcomes) is CPU numpy or plain numbers.
+
 No phase chooses a sample rate, a step count or a noise level: the
 :class:`~client.mechanisms.SgdMechanism` it receives is the one the site's
 budget priced (``client/site_round.py``).
@@ -104,7 +109,7 @@ def run_probe(
     head = head_module(runtime.adapter.model)
     part = head if rows is None else _rows_of(head, rows)
     if rows is not None:
-        labels = torch.as_tensor(np.searchsorted(rows, labels.numpy()), dtype=torch.long)
+        labels = torch.as_tensor(np.searchsorted(rows, labels.cpu().numpy()), dtype=torch.long)
     outcome = train_private_features(
         part,
         features,
@@ -118,8 +123,9 @@ def run_probe(
     )
     if rows is not None:
         with torch.no_grad():
-            head.weight[torch.as_tensor(rows)] = part.weight
-            head.bias[torch.as_tensor(rows)] = part.bias
+            index = torch.as_tensor(rows, device=head.weight.device)
+            head.weight[index] = part.weight
+            head.bias[index] = part.bias
     return outcome
 
 
@@ -175,7 +181,7 @@ def run_class_sums(
 ) -> np.ndarray:
     """One Gaussian release of the class sums of ``positions`` (sensitivity 1) on the rows ``classes``."""
     rows = np.asarray(positions, dtype=np.int64)  # an empty experience indexes to a (0, dim) block
-    features, labels = frozen_features(runtime, "train")[rows], runtime.data.train.labels.numpy()[rows]
+    features, labels = frozen_features(runtime, "train")[rows], runtime.data.train.labels.cpu().numpy()[rows]
     sums = class_feature_sums(features, labels, len(runtime.data.label_names))
     return release_class_sums(sums, classes, mechanism.noise_multiplier, noise).sums
 
@@ -183,7 +189,8 @@ def run_class_sums(
 def _rows_of(head: torch.nn.Linear, rows: np.ndarray) -> torch.nn.Linear:
     """A Linear holding a copy of ``rows`` of ``head`` (output units), to train and write back."""
     part = torch.nn.Linear(head.in_features, len(rows), device=head.weight.device, dtype=head.weight.dtype)
+    index = torch.as_tensor(rows, device=head.weight.device)
     with torch.no_grad():
-        part.weight.copy_(head.weight[torch.as_tensor(rows)])
-        part.bias.copy_(head.bias[torch.as_tensor(rows)])
+        part.weight.copy_(head.weight[index])
+        part.bias.copy_(head.bias[index])
     return part

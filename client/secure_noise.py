@@ -119,8 +119,11 @@ class NoiseSource:
     ) -> torch.Tensor:
         """Gaussian noise of mean 0 and std ``std``, hardened as Opacus' secure_mode (sum of 4 draws, halved).
 
-        Drawn in float64 on the CPU, then moved to ``device`` and cast to
-        ``dtype``. ``std = 0`` gives zeros without drawing.
+        Drawn in float64 on the CPU (where the OS CSPRNG or the seeded
+        generator lives), then cast to ``dtype`` and moved to ``device`` in
+        one copy: the draws, their distribution and a seeded source's
+        numbers are the same whatever the device (a GPU parameter gets the
+        very values a CPU one would). ``std = 0`` gives zeros without drawing.
         """
         if not (math.isfinite(std) and std >= 0):
             raise ValueError(f"noise std {std!r}: use a finite value >= 0")

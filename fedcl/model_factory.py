@@ -17,11 +17,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedcl.run_config import ConfigError, RunConfig
+
+if TYPE_CHECKING:  # torch is imported lazily here
+    import torch
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -86,15 +89,23 @@ def lora_settings(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def load_adapter_model(config: RunConfig, num_labels: int) -> AdapterModel:
-    """Build (or reuse, within this process) the LoRA-wrapped model.
+def load_adapter_model(config: RunConfig, num_labels: int, device: torch.device | str | None = None) -> AdapterModel:
+    """Build (or reuse, within this process) the LoRA-wrapped model, placed on ``device`` (default: the CPU).
 
-    The base model is loaded once per process and kept: in a simulation every
-    virtual site served by one worker reuses it, with its trainable tensors
-    overwritten from the message each time. The adapter and head start from a
-    state drawn with ``seed``, identical on every site, so the server never has
-    to build the model to hand out initial weights.
+    The base model is loaded once per process and device and kept: in a
+    simulation every virtual site served by one worker reuses it, with its
+    trainable tensors overwritten from the message each time. The cache is
+    keyed by the settings that shape the model and by the device (a
+    ``torch.device`` or its name; a bare ``cuda`` means the current CUDA
+    device), so a process asking for two devices gets two models, each wholly
+    on its own device. The adapter and head start from a state drawn with
+    ``seed`` on the CPU, before the model moves, so ``initial_state`` (CPU
+    numpy) is identical on every site and every device, and the server never
+    has to build the model to hand out initial weights.
     """
+    import torch
+
+    target = placement(device)
     key = (
         config.model,
         config.pooling,
@@ -104,10 +115,10 @@ def load_adapter_model(config: RunConfig, num_labels: int) -> AdapterModel:
         config.lora_dropout,
         config.lora_target_modules,
         config.seed,
+        str(target),
     )
     if key in _CACHE:
         return _CACHE[key]
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -131,9 +142,26 @@ def load_adapter_model(config: RunConfig, num_labels: int) -> AdapterModel:
         raise ConfigError(
             f"config key 'lora-target-modules' = {config.lora_target_modules!r}: {err}; name modules of this model"
         ) from err
-    built = AdapterModel(model, tokenizer, trainable_arrays(model))
+    initial = trainable_arrays(model)  # taken on the CPU, where the seeded draw happened
+    built = AdapterModel(model.to(target), tokenizer, initial)
     _CACHE[key] = built
     return built
+
+
+def placement(device: torch.device | str | None = None) -> torch.device:
+    """``device`` as a ``torch.device`` (``None``: the CPU; a bare ``cuda``: the current CUDA device, with its index).
+
+    Raises ValueError for a CUDA device when this process sees no GPU (the
+    site's node config ``device`` should have said so first: ``client.device.site_device``).
+    """
+    import torch
+
+    target = torch.device("cpu") if device is None else torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(target)!r}: this process sees no CUDA GPU; load the model with device='cpu'")
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
 
 
 def load_base_classifier(path: str, pooling: str, num_labels: int) -> Any:

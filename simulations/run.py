@@ -236,8 +236,16 @@ def stop_local_superlink(flwr_home: Path) -> None:
                 proc.kill()
 
 
-def run_simulation(config: RunConfig, quiet: bool = False, project: Path = PROJECT) -> Path:
-    """Run the simulation with `flwr run` and return the run directory (it holds summary.json)."""
+def run_simulation(
+    config: RunConfig, quiet: bool = False, project: Path = PROJECT, gpus_per_site: float | None = None
+) -> Path:
+    """Run the simulation with `flwr run` and return the run directory (it holds summary.json).
+
+    ``gpus_per_site``: the GPU share Ray gives each virtual site (None: all
+    sites fit on the visible GPUs, 0 without CUDA; ``simulations/ray_resources.py``).
+    """
+    from simulations.ray_resources import client_resources_options, default_gpus_per_site
+
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedcl-flwr-"))
@@ -247,7 +255,14 @@ def run_simulation(config: RunConfig, quiet: bool = False, project: Path = PROJE
         "run",
         str(project),
         "--federation-config",
-        f"num-supernodes={config.num_sites}",
+        " ".join(
+            [
+                f"num-supernodes={config.num_sites}",
+                *client_resources_options(
+                    default_gpus_per_site(config.num_sites) if gpus_per_site is None else gpus_per_site
+                ),
+            ]
+        ),
         "--run-config",
         overrides,
         "--stream",
@@ -277,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=5 lora-rank=4"')
     parser.add_argument("--quiet", action="store_true", help="print only the final report line")
+    parser.add_argument(
+        "--gpus-per-site",
+        type=float,
+        default=None,
+        help="GPU share Ray gives each virtual site (default: all sites fit on the visible GPUs; 0 without CUDA)",
+    )
     args = parser.parse_args(argv)
     started = time.time()
     try:
@@ -294,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        run_dir = run_simulation(config, quiet=args.quiet)
+        run_dir = run_simulation(config, quiet=args.quiet, gpus_per_site=args.gpus_per_site)
     except RuntimeError as err:
         print(f"fedcl: error: {err}", file=sys.stderr)
         return 1
