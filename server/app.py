@@ -1,35 +1,59 @@
-"""The ServerApp: rounds of federated training and evaluation, and the run report.
+"""The ServerApp: rounds of federated training and evaluation, the checkpoint, and the run report.
 
 It knows no training details: it parses the run config, runs the strategy's
-round loop, writes one metrics row per site per round, checkpoints the global
-adapter after every round and, at the end, exports it in PEFT format with a
-summary.json beside it.
+round loop, writes one metrics row per site per round, checkpoints the
+server's whole state after every round (``server/checkpoint.py``) and, at the
+end, exports the global adapter in PEFT format with a summary.json beside it.
+
+A round short of ``min-replies`` usable replies is failed (the strategy
+leaves the model as it was); ``max-failed-rounds`` of them in a row stop the
+run. A failed run (stopped, or one that trained nothing) gets ``"status":
+"failed"`` and its reason in summary.json, and the ServerApp raises
+:class:`~server.round_guard.RunFailed`, so Flower records the run as failed.
+``resume = "<run-dir>"`` continues a checkpointed run at its next round, in
+the same run directory.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from logging import ERROR, INFO
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedcl.protocol import to_numpy
+from fedcl.protocol import to_record
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 from server.adapter_export import export_adapter
+from server.checkpoint import Checkpoint, open_resume, save_checkpoint, training_config
 from server.continual_run import ContinualRun
-from server.run_report import RunReport, save_arrays_atomic
-from server.strategy_setup import aggregation_summary, build_strategy, save_strategy_state
-from strategies.site_strategy import SiteReply, SiteStrategy
+from server.privacy_report import PrivacyWatch
+from server.round_guard import FAILED, RoundGuard, RunFailed
+from server.run_report import RunReport
+from server.strategy_setup import aggregation_summary, build_strategy, restore_strategy_state
+from strategies.site_strategy import SiteStrategy, aggregator_state
 
 app = ServerApp()
 
 
 def resolve_run_dir(config: RunConfig) -> Path:
-    """The run directory: ``output-dir`` or ``runs/<timestamp>``, made absolute."""
+    """The run directory, made absolute: ``resume``'s, else ``output-dir``, else ``runs/<timestamp>``.
+
+    Raises ConfigError when ``resume`` and a different ``output-dir`` are both given.
+    """
+    if config.resume:
+        run_dir = Path(config.resume).expanduser().resolve()
+        if config.output_dir and Path(config.output_dir).expanduser().resolve() != run_dir:
+            raise ConfigError(
+                f"config key 'output-dir' = {config.output_dir!r}: a resumed run writes into its own run directory "
+                f"({run_dir}); leave output-dir empty or set it to the resume directory"
+            )
+        return run_dir
     if config.output_dir:
         return Path(config.output_dir).expanduser().resolve()
     return Path("runs", datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
@@ -37,13 +61,12 @@ def resolve_run_dir(config: RunConfig) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation described by the run config and write its report."""
+    """Run the federation described by the run config; raise RunFailed (Flower: run failed) if it fails."""
     try:
-        config = parse_run_config(context.run_config)
+        run_federation(grid, parse_run_config(context.run_config))
     except ConfigError as err:
-        log(ERROR, "fedcl: %s", err)
-        return
-    run_federation(grid, config)
+        log(ERROR, "fedcl: error: %s", err)
+        raise RunFailed(str(err)) from None
 
 
 def round_schedule(config: RunConfig, server_round: int) -> dict[str, str | int]:
@@ -54,144 +77,183 @@ def round_schedule(config: RunConfig, server_round: int) -> dict[str, str | int]
     return {"phase": "lora", "plan-probe-rounds": 0, "plan-lora-rounds": config.total_rounds - server_round + 1}
 
 
-def privacy_summary(config: RunConfig, strategy: SiteStrategy) -> dict[str, dict] | None:
-    """The ``privacy`` object of summary.json: each site's last reported ledger figures."""
-    if not config.dp:
-        return None
-    sites: dict[str, dict] = {}
-    for server_round in sorted(strategy.train_replies):
-        for reply in strategy.train_replies[server_round]:
-            if "epsilon" not in reply.metrics:
-                continue
-            m = reply.metrics
-            entry = sites.setdefault(reply.site, {"stopped_for_budget": False})
-            entry.update(
-                {
-                    "epsilon": m["epsilon"],
-                    "delta": m.get("delta"),
-                    "noise_multiplier": m.get("noise-multiplier"),
-                    "max_grad_norm": m.get("max-grad-norm"),
-                    "steps": m.get("dp-steps-total"),
-                    "sample_rate": m.get("sample-rate"),
-                    "accountant": "rdp-filter",
-                    "target_epsilon": m.get("target-epsilon", config.target_epsilon),
-                }
-            )
-            entry["stopped_for_budget"] = entry["stopped_for_budget"] or bool(m.get("stopped-for-budget"))
-    return sites
-
-
-def flag_step_regressions(
-    server_round: int, replies: list[SiteReply], last_steps: dict[str, int], regressions: list[dict]
-) -> None:
-    """Flag every site whose ledger reports fewer DP steps than it reported before (a reset or rolled-back ledger).
-
-    The server cannot see a site's disk; it remembers each site's last
-    ``dp-steps-total``. A regression is marked on the reply (so metrics.jsonl
-    shows ``ledger_regression``), appended to ``regressions`` (summary.json's
-    ``ledger_regressions``) and logged as an error.
-    """
-    for reply in replies:
-        steps = reply.metrics.get("dp-steps-total")
-        if steps is None:
-            continue
-        before = last_steps.get(reply.site)
-        if before is not None and int(steps) < before:
-            reply.metrics["ledger-regression"] = before
-            regressions.append(
-                {"round": server_round, "site": reply.site, "steps_before": before, "steps_now": int(steps)}
-            )
-            log(
-                ERROR,
-                "fedcl: %s reports %d DP steps after %d: its ledger was reset or rolled back; its epsilon "
-                "no longer covers what it released",
-                reply.site,
-                int(steps),
-                before,
-            )
-        last_steps[reply.site] = max(int(steps), before or 0)
-
-
 def run_federation(grid: Grid, config: RunConfig) -> Path:
-    """Run ``num-rounds`` rounds over ``num-sites`` sites; returns the run directory."""
+    """Run (or resume) the run's rounds over the connected sites; returns the run directory.
+
+    Raises :class:`RunFailed` after writing summary.json when the run failed,
+    ConfigError for a resume that does not fit its checkpoint.
+    """
     run_dir = resolve_run_dir(config)
-    report = RunReport(run_dir, config.to_flat())
+    checkpoint = open_resume(config, run_dir) if config.resume else None
+    if checkpoint is not None and checkpoint.finished:
+        log(INFO, "fedcl: %s already ran all %d rounds; nothing to resume", run_dir, checkpoint.total_rounds)
+        return run_dir
     continual = ContinualRun(config, run_dir) if config.continual else None  # stream of experiences, or ncm
     schedule = continual.round_config if continual else (lambda server_round: round_schedule(config, server_round))
     total_rounds = continual.total_rounds if continual else config.total_rounds
+    if checkpoint is not None and checkpoint.total_rounds != total_rounds:
+        raise ConfigError(
+            f"config key 'resume' = '{run_dir}': the checkpoint is of a {checkpoint.total_rounds}-round run, this "
+            f"config gives {total_rounds} rounds (the data or its experience plan changed); resume with the same data"
+        )
     strategy = build_strategy(config, round_config=schedule)
     strategy = continual.strategy(strategy) if continual else strategy
+    strategy.required_replies = config.required_replies  # also for ncm's class-sum strategy, built by ContinualRun
+    report = RunReport(run_dir, config.to_flat(), resume_round=checkpoint.round if checkpoint else None)
+    guard = RoundGuard(config.max_failed_rounds)
+    watch = PrivacyWatch(config.dp, config.target_epsilon)
+    if checkpoint is not None:
+        restore_server(checkpoint, strategy, guard, watch, continual)
+        log(INFO, "fedcl: resuming %s at round %d of %d", run_dir, checkpoint.round + 1, total_rounds)
     log(INFO, "fedcl: run directory %s", run_dir)
-    state = {"round_started": time.time()}
-    last_steps: dict[str, int] = {}  # site -> its last reported ledger step count
-    regressions: list[dict] = []
+    started = {"round": time.time()}
 
-    def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            state["round_started"] = time.time()
-            return None
-        flag_step_regressions(server_round, strategy.train_replies.get(server_round, []), last_steps, regressions)
+    def on_round_end(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
+        train = strategy.train_replies.get(server_round, [])
+        evaluated = strategy.evaluate_replies.get(server_round, [])
+        failure = strategy.round_failures.get(server_round)
+        watch.observe(server_round, train)
         rows = report.add_round(
             server_round,
-            strategy.train_replies.get(server_round, []),
-            strategy.evaluate_replies.get(server_round, []),
+            train,
+            evaluated,
             bytes_down_train=strategy.bytes_down.get((server_round, "train"), 0),
             bytes_down_eval=strategy.bytes_down.get((server_round, "evaluate"), 0),
             extra=strategy.round_diagnostics.get(server_round),
+            failure=failure,
+            unusable=strategy.round_unusable.get(server_round),
         )
-        if len(arrays):
-            save_arrays_atomic(run_dir / "checkpoint" / "global.npz", to_numpy(arrays))
-            save_strategy_state(run_dir / "checkpoint", strategy)
-        accuracies = {r["site"]: r["accuracy"] for r in rows if r.get("accuracy") is not None}
-        mean = sum(accuracies.values()) / len(accuracies) if accuracies else float("nan")
-        epsilons = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
-        spent = f"; epsilon spent up to {max(epsilons):.2f} of {config.target_epsilon}" if epsilons else ""
-        log(
-            INFO,
-            "fedcl: round %d/%d (%s) done in %.1f s: mean accuracy %.3f (%s)%s",
-            server_round,
-            total_rounds,
-            schedule(server_round)["phase"],
-            time.time() - state["round_started"],
-            mean,
-            ", ".join(f"{site} {acc:.3f}" for site, acc in sorted(accuracies.items())),
-            spent,
+        if continual:  # after an experience's last round: a row of the accuracy matrix (none from a short evaluation)
+            measured = [r for r in evaluated if r.status == "evaluated"]
+            continual.on_round_end(server_round, measured if len(measured) >= strategy.required_replies else [])
+        stop = guard.record(server_round, failure, server_round in strategy.updated_rounds)
+        save_checkpoint(
+            run_dir,
+            Checkpoint(
+                round=server_round,
+                total_rounds=total_rounds,
+                arrays=strategy.current,
+                strategy_state=aggregator_state(strategy.aggregator),
+                server=server_state(strategy, guard, watch, continual),
+                config=training_config(config),
+            ),
         )
-        if continual:  # after an experience's last round: a row of the accuracy matrix
-            continual.on_round_end(server_round, strategy.evaluate_replies.get(server_round, []))
-        state["round_started"] = time.time()
+        mean = log_round(config, server_round, total_rounds, schedule, rows, failure, time.time() - started["round"])
+        started["round"] = time.time()
+        if stop:
+            raise RunFailed(stop)
         return MetricRecord({"mean-accuracy": mean})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(),  # sites start from the same seeded adapter: nothing to send
-        num_rounds=total_rounds,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord(),  # the site derives its round from the run config and the server round
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=on_round_end,
-    )
-    labels = next(
-        (
-            r.info.get("label-names")
-            for replies in strategy.train_replies.values()
-            for r in replies
-            if r.info.get("label-names")
-        ),
-        None,
-    )
+    stopped = None
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_record(checkpoint.arrays) if checkpoint else ArrayRecord(),  # fresh: the seeded adapter
+            num_rounds=total_rounds,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord(),  # the site derives its round from the run config and the server round
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=on_round_end,
+            first_round=checkpoint.round + 1 if checkpoint else 1,
+        )
+    except RunFailed as err:
+        stopped = str(err)
+    except Exception as err:  # write what is known, then let Flower record the failure
+        write_summary(config, report, strategy, guard, watch, continual, checkpoint, f"the server failed: {err!r}")
+        raise
+    status, reason = guard.verdict(stopped)
+    summary = write_summary(config, report, strategy, guard, watch, continual, checkpoint, reason)
+    if status == FAILED:
+        log(ERROR, "fedcl: the run failed: %s; report in %s", reason, run_dir / "summary.json")
+        raise RunFailed(str(reason))
+    log(INFO, "fedcl: final mean accuracy %s; report in %s", summary["accuracy"], run_dir / "summary.json")
+    return run_dir
+
+
+def write_summary(
+    config: RunConfig,
+    report: RunReport,
+    strategy: SiteStrategy,
+    guard: RoundGuard,
+    watch: PrivacyWatch,
+    continual: ContinualRun | None,
+    checkpoint: Checkpoint | None,
+    failure: str | None,
+) -> dict[str, Any]:
+    """Export the global adapter (a run that did not fail only) and write summary.json; returns the summary."""
     base_bytes = None
-    if len(result.arrays) and config.recipe != "ncm":  # ncm's global state is class sums, not an adapter
-        base_bytes = export_adapter(run_dir / "adapter", config, to_numpy(result.arrays), list(labels or []))
-    summary = report.summary(
+    if failure is None and strategy.current and config.recipe != "ncm":  # ncm's global state: class sums
+        base_bytes = export_adapter(report.run_dir / "adapter", config, strategy.current, config.label_names)
+    return report.summary(
         base_bytes,
         {
-            "label_names": list(labels) if labels else None,
-            "privacy": privacy_summary(config, strategy),
-            "ledger_regressions": regressions,
-            "aggregation": aggregation_summary(config, strategy),
+            "status": FAILED if failure else "completed",
+            "failure_reason": failure,
+            "failed_rounds": list(guard.failed_rounds),
+            "resumed_from_round": checkpoint.round if checkpoint else None,
+            "label_names": config.label_names or None,
+            "privacy": watch.summary(),
+            "ledger_regressions": list(watch.regressions),
+            "aggregation": aggregation_summary(config, strategy, report.earlier_rows),
             "continual": continual.summary() if continual else None,
         },
     )
-    log(INFO, "fedcl: final mean accuracy %s; report in %s", summary["accuracy"], run_dir / "summary.json")
-    return run_dir
+
+
+def server_state(
+    strategy: SiteStrategy, guard: RoundGuard, watch: PrivacyWatch, continual: ContinualRun | None
+) -> dict[str, Any]:
+    """The server's memory for the checkpoint (JSON-ready)."""
+    return {
+        "guard": guard.state(),
+        "privacy": watch.state(),
+        "identities": strategy.identities.state(),
+        "continual": continual.state() if continual else None,
+    }
+
+
+def restore_server(
+    checkpoint: Checkpoint,
+    strategy: SiteStrategy,
+    guard: RoundGuard,
+    watch: PrivacyWatch,
+    continual: ContinualRun | None,
+) -> None:
+    """Put the checkpoint's server memory and aggregator state back (the global arrays go to ``strategy.start``)."""
+    server = checkpoint.server
+    restore_strategy_state(strategy, checkpoint.strategy_state)
+    strategy.identities.restore(server.get("identities", {}))
+    guard.restore(server.get("guard", {}))
+    watch.restore(server.get("privacy", {}))
+    if continual is not None:
+        continual.restore(server.get("continual") or {})
+
+
+def log_round(
+    config: RunConfig,
+    server_round: int,
+    total_rounds: int,
+    schedule: Any,
+    rows: list[dict],
+    failure: str | None,
+    seconds: float,
+) -> float:
+    """Log the round's line (accuracy per site, epsilon spent, or why it failed); returns the mean accuracy."""
+    accuracies = {r["site"]: r["accuracy"] for r in rows if r.get("accuracy") is not None}
+    mean = sum(accuracies.values()) / len(accuracies) if accuracies else math.nan
+    epsilons = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
+    spent = f"; epsilon spent up to {max(epsilons):.2f} of {config.target_epsilon}" if epsilons else ""
+    verdict = f" FAILED ({failure})" if failure else ""
+    log(
+        ERROR if failure else INFO,
+        "fedcl: round %d/%d (%s)%s done in %.1f s: mean accuracy %.3f (%s)%s",
+        server_round,
+        total_rounds,
+        schedule(server_round)["phase"],
+        verdict,
+        seconds,
+        mean,
+        ", ".join(f"{site} {acc:.3f}" for site, acc in sorted(accuracies.items())),
+        spent,
+    )
+    return mean

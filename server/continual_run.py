@@ -146,6 +146,21 @@ class ContinualRun:
             ]
         return experience_rows(accuracy_matrix(self.correct, self.total), self._test_counts())
 
+    def state(self) -> dict[str, Any]:
+        """The accuracy matrix's counts so far, JSON-ready, for the server's checkpoint."""
+        return {"correct": [list(row) for row in self.correct], "total": [list(row) for row in self.total]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned (a resumed run goes on adding rows after these)."""
+        correct, total = list(state.get("correct", [])), list(state.get("total", []))
+        if len(correct) != len(total) or len(correct) > self.schedule.slots:
+            raise ValueError(
+                f"a continual checkpoint with {len(correct)} rows of correct counts and {len(total)} of totals "
+                f"does not fit this run's {self.schedule.slots} slots: resume with the run config it was written with"
+            )
+        self.correct = [[int(c) for c in row] for row in correct]
+        self.total = [[int(n) for n in row] for row in total]
+
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as out:

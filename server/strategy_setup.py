@@ -10,15 +10,17 @@ composes them. ``max-update-norm`` is a rejection bound, except with
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedcl.atomic_files import save_arrays_atomic
 from fedcl.run_config import RunConfig
 from strategies.aggregation import Aggregator
 from strategies.registry import build_aggregator, build_compression
-from strategies.site_strategy import SiteStrategy
+from strategies.site_strategy import SiteStrategy, aggregator_state, load_aggregator_state
 
 STATE_FILE = "strategy_state.npz"  # beside checkpoint/global.npz
 
@@ -38,23 +40,35 @@ def build_site_aggregator(config: RunConfig) -> Aggregator:
     )
 
 
-def build_strategy(config: RunConfig, round_config: Callable[[int], dict[str, Any]] | None = None) -> SiteStrategy:
-    """The Flower strategy for this run: every site in every round, the configured aggregator and codec."""
+def build_strategy(
+    config: RunConfig,
+    round_config: Callable[[int], dict[str, Any]] | None = None,
+    aggregator: Aggregator | None = None,
+) -> SiteStrategy:
+    """The Flower strategy for this run.
+
+    Every connected site in every round, ``min-replies`` usable replies for a
+    round to count, the configured aggregator (or ``aggregator``, e.g. the
+    class-sum adder) and codec.
+    """
     return SiteStrategy(
-        build_site_aggregator(config),
+        aggregator or build_site_aggregator(config),
         num_sites=config.num_sites,
         round_config=round_config,
         compression=build_compression(config.compression),
+        required_replies=config.required_replies,
+        wait_timeout=config.round_timeout,
     )
 
 
 def save_strategy_state(checkpoint_dir: Path, strategy: SiteStrategy) -> Path | None:
     """Write the aggregator's state (server optimiser moments, exact's carried residual) atomically, if it has any.
 
-    Flower does not keep strategy state across a restart; this file is what a
-    resume would load with ``aggregator.load_state_dict(dict(numpy.load(path)))``.
+    Flower does not keep strategy state across a restart; :func:`restore_strategy_state`
+    puts this file's arrays back (the server's resume reads the same arrays
+    from ``checkpoint/resume.npz``, written with them in one piece).
     """
-    state = getattr(strategy.aggregator, "state_dict", dict)()
+    state = aggregator_state(strategy.aggregator)
     if not state:
         return None
     path = checkpoint_dir / STATE_FILE
@@ -62,15 +76,34 @@ def save_strategy_state(checkpoint_dir: Path, strategy: SiteStrategy) -> Path | 
     return path
 
 
-def aggregation_summary(config: RunConfig, strategy: SiteStrategy) -> dict[str, Any]:
-    """The ``aggregation`` object of summary.json: the settings, and every rejected update counted by site."""
+def restore_strategy_state(strategy: SiteStrategy, state: Mapping[str, np.ndarray]) -> None:
+    """Load what :func:`save_strategy_state` wrote (e.g. ``dict(numpy.load(path))``) into the strategy's aggregator.
+
+    Raises ValueError when the state does not belong to this aggregator (one
+    without state given arrays).
+    """
+    load_aggregator_state(strategy.aggregator, dict(state))
+
+
+def aggregation_summary(
+    config: RunConfig, strategy: SiteStrategy, earlier_rows: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """The ``aggregation`` object of summary.json: the settings, and every rejected update counted by site.
+
+    ``earlier_rows``: the metrics rows of the rounds before a resume (this
+    session's strategy only saw the rounds after it).
+    """
     rejected = [
-        (server_round, reply)
+        (int(row["round"]), str(row["site"]), str(row.get("train_reason", "")))
+        for row in earlier_rows
+        if row.get("train_status") == "rejected"
+    ] + [
+        (server_round, reply.site, reply.reason)
         for server_round, replies in sorted(strategy.train_replies.items())
         for reply in replies
         if reply.status == "rejected"
     ]
-    residuals = [
+    residuals = [r["relative_residual"] for r in earlier_rows if r.get("relative_residual") is not None] + [
         d["relative_residual"] for _, d in sorted(strategy.round_diagnostics.items()) if "relative_residual" in d
     ]
     return {
@@ -80,7 +113,7 @@ def aggregation_summary(config: RunConfig, strategy: SiteStrategy) -> dict[str, 
         "compression": config.compression,
         "attack": config.attack,
         "rejected_total": len(rejected),
-        "rejected_by_site": dict(Counter(reply.site for _, reply in rejected)),
-        "rejections": [{"round": r, "site": reply.site, "reason": reply.reason} for r, reply in rejected],
+        "rejected_by_site": dict(Counter(site for _, site, _ in rejected)),
+        "rejections": [{"round": r, "site": site, "reason": reason} for r, site, reason in rejected],
         "relative_residual_last": residuals[-1] if residuals else None,
     }

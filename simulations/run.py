@@ -269,7 +269,7 @@ def run_simulation(
     ]
     log_path = run_dir / "flower.log"
     try:
-        with log_path.open("w", encoding="utf-8") as log:
+        with log_path.open("a", encoding="utf-8") as log:  # a resumed run keeps the first session's log
             env = {**flower_environment(flwr_home), **simulated_sites_environment(config, run_dir)}
             proc = subprocess.Popen(
                 command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1

@@ -1,12 +1,29 @@
-"""The Flower strategy that runs a numpy aggregation rule and keeps every site's reply.
+"""The Flower strategy that runs a numpy aggregation rule, keeps every site's reply and never stalls.
 
-It reuses Flower's FedAvg round loop (sampling, messages, evaluation) and
-overrides only the configure and aggregation hooks: the downlink goes through
-the run's :class:`~strategies.wire.WireFormat` (FFA: no frozen A; fp16/int8
-codecs), replies are decoded and become :class:`SiteUpdate` objects for the
-configured :class:`Aggregator`, and every reply (trained, skipped, failed, or
-rejected by the robust wrapper or the decoder, with the reason) is kept per
-round so the server can write one row per site. No torch here.
+It runs Flower's own round loop (``Strategy.start``: configure, send and
+receive with the round timeout, aggregate, evaluate) and implements its four
+hooks:
+
+- Sampling waits at most the round timeout for ``required_replies`` connected
+  nodes (:func:`~strategies.node_sampling.wait_for_nodes`), then sends to
+  every node connected (Flower's ``sample_nodes`` would wait for ever).
+- Every reply names its site; :class:`~strategies.site_identity.SiteIdentities`
+  binds the name to the node and refuses impostors (status ``rejected``).
+- The downlink goes through the run's :class:`~strategies.wire.WireFormat`
+  (FFA: no frozen A; fp16/int8 codecs); replies are decoded and become
+  :class:`SiteUpdate` objects for the configured :class:`Aggregator`.
+- A round needs ``required_replies`` sites to take part in training (a
+  ``trained`` reply, even one whose update the server's checks then reject,
+  or ``skipped`` by the site's own plan or budget) and in evaluation
+  (``evaluated``); replies that missed the timeout are recorded as
+  ``missing``. A round short of either is **failed**: its update is not
+  applied, or is undone after a short evaluation, so the global model
+  (:attr:`SiteStrategy.current`, the one the strategy sends) stays as it was.
+  A round whose every update is rejected keeps the model too, without failing.
+
+Every reply (trained, skipped, refused, failed, missing, or rejected with the
+reason) is kept per round for the run report. ``start(..., first_round=k+1)``
+continues a run: hooks and ``evaluate_fn`` see the true round numbers. No torch.
 """
 
 from __future__ import annotations
@@ -17,14 +34,27 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Result, Strategy
 
-from fedcl.protocol import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, SITE_RECORD, to_numpy, to_record
+from fedcl.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    REASON,
+    SERVER_ROUND,
+    SITE_NAME,
+    SITE_RECORD,
+    STATUS,
+    to_numpy,
+    to_record,
+)
 from strategies.aggregation import Aggregator, Arrays, SiteUpdate
 from strategies.compression import Compression
+from strategies.node_sampling import wait_for_nodes
+from strategies.site_identity import SiteIdentities
 from strategies.wire import WireFormat
 
 __all__ = [
@@ -44,30 +74,31 @@ class SiteReply:
     """What one site said in one round (train or evaluate), for the run report."""
 
     site: str
-    status: str  # "trained", "skipped", "evaluated", "failed" or "rejected" (by the server)
+    # "trained", "skipped", "refused" (by the site), "evaluated", "failed" (an error reply),
+    # "missing" (no reply in time, or not connected) or "rejected" (by the server)
+    status: str
     reason: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     bytes_up: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    node: int | None = None
 
 
-def _site_of(message: Message, known: dict[int, str]) -> tuple[str, dict[str, Any]]:
-    """The replying site's name and record; an error reply has no content: the name its node had before."""
-    node = message.metadata.src_node_id
-    fallback = known.get(node, f"node-{node}")
-    if message.has_error() or not message.has_content():
-        return fallback, {}
-    content = message.content
-    if SITE_RECORD in content.config_records:
-        info = dict(content.config_records[SITE_RECORD])
-        known[node] = str(info.get("site", fallback))
-        return known[node], info
-    return fallback, {}
+def aggregator_state(aggregator: Aggregator) -> Arrays:
+    """A copy of the aggregator's state (server optimiser moments, exact's residual); empty if it keeps none."""
+    return {name: np.array(value, copy=True) for name, value in getattr(aggregator, "state_dict", dict)().items()}
 
 
-def _reject(server_round: int, reply: SiteReply, reason: str) -> None:
-    reply.status, reply.reason = "rejected", reason
-    log(WARNING, "round %s: rejected the update of %s: %s", server_round, reply.site, reason)
+def load_aggregator_state(aggregator: Aggregator, state: Arrays) -> None:
+    """Put back what :func:`aggregator_state` returned; raises ValueError if the aggregator cannot hold state."""
+    loader = getattr(aggregator, "load_state_dict", None)
+    if loader is not None:
+        loader(state)
+    elif state:
+        raise ValueError(
+            f"{type(aggregator).__name__} keeps no state but {len(state)} state arrays were given: "
+            "restore a checkpoint with the aggregation settings it was written with"
+        )
 
 
 def aggregation_diagnostics(aggregator: Aggregator) -> dict[str, float]:
@@ -85,8 +116,13 @@ def aggregation_diagnostics(aggregator: Aggregator) -> dict[str, float]:
     return found
 
 
-class SiteStrategy(FedAvg):
-    """FedAvg's round loop with a pluggable numpy aggregator and per-site reply records."""
+def _reject(server_round: int, reply: SiteReply, reason: str) -> None:
+    reply.status, reply.reason = "rejected", reason
+    log(WARNING, "round %s: rejected the update of %s: %s", server_round, reply.site, reason)
+
+
+class SiteStrategy(Strategy):
+    """Flower's round loop with a pluggable numpy aggregator, bound site identities and failed rounds."""
 
     def __init__(
         self,
@@ -94,66 +130,151 @@ class SiteStrategy(FedAvg):
         num_sites: int,
         round_config: Callable[[int], dict[str, Any]] | None = None,
         compression: Compression | None = None,
+        required_replies: int | None = None,
+        wait_timeout: float = 3600.0,
+        poll_seconds: float = 1.0,
     ) -> None:
-        super().__init__(min_train_nodes=num_sites, min_evaluate_nodes=num_sites, min_available_nodes=num_sites)
+        if not 1 <= (required_replies or num_sites) <= num_sites:
+            raise ValueError(f"required_replies = {required_replies}: use 1 .. num_sites ({num_sites}) or None (all)")
         self.aggregator = aggregator
+        self.num_sites = num_sites
+        self.required_replies = required_replies or num_sites
+        self.wait_timeout = wait_timeout  # seconds sampling waits for nodes; start() sets it to the round timeout
+        self.poll_seconds = poll_seconds
         self.round_config = round_config or (lambda server_round: {})
         self.wire = WireFormat(aggregator, compression)
-        self.current: Arrays = {}
+        self.identities = SiteIdentities()
+        self.current: Arrays = {}  # the committed global model: what the next round sends
+        self.round_offset = 0  # rounds done before start(): Flower's round r is round r + offset of the run
+        self.grid: Grid | None = None
         self.train_replies: dict[int, list[SiteReply]] = {}
         self.evaluate_replies: dict[int, list[SiteReply]] = {}
         self.bytes_down: dict[tuple[int, str], int] = {}  # (round, "train"/"evaluate") -> array bytes per message
         self.round_diagnostics: dict[int, dict[str, float]] = {}  # round -> e.g. relative_residual, rejected
-        self._node_sites: dict[int, str] = {}  # node id -> site name, to name a site whose reply is an error
+        self.round_failures: dict[int, str] = {}  # round -> why it failed
+        self.round_unusable: dict[int, list[str]] = {}  # round -> sites whose reply was missing or unusable
+        self.updated_rounds: set[int] = set()  # rounds whose aggregated update was kept
+        self.sent: dict[tuple[int, str], list[int]] = {}  # (round, kind) -> node ids a message went to
+        self.committed: tuple[Arrays, Arrays] = ({}, {})  # (global arrays, aggregator state) before this round
 
-    def _downlink(self, server_round: int, arrays: ArrayRecord, kind: str) -> ArrayRecord:
-        record = to_record(self.wire.downlink(server_round, to_numpy(arrays), kind))
-        self.bytes_down[(server_round, kind)] = record.count_bytes()
-        return record
+    # --- the loop --------------------------------------------------------------------------------------------
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's loop over rounds ``first_round .. num_rounds`` of the run, starting from ``initial_arrays``.
+
+        ``num_rounds`` is the run's last round; ``first_round > 1`` continues a
+        checkpointed run. ``timeout`` bounds both the wait for nodes and the
+        wait for replies. ``evaluate_fn(round, arrays)`` is called after every
+        round with the true round number and the committed global model (not
+        before the first round).
+        """
+        if not 1 <= first_round <= num_rounds:
+            raise ValueError(f"first_round = {first_round}: use 1 .. num_rounds ({num_rounds})")
+        self.round_offset = first_round - 1
+        self.current = to_numpy(initial_arrays)
+        self.wait_timeout = timeout
+
+        def after_round(flower_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
+            if flower_round == 0 or evaluate_fn is None:
+                return None
+            return evaluate_fn(self.true_round(flower_round), to_record(self.current))
+
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds - self.round_offset,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=after_round,
+        )
+
+    def true_round(self, flower_round: int) -> int:
+        """The run's round number of Flower's ``flower_round`` (they differ in a resumed run)."""
+        return flower_round + self.round_offset
+
+    def summary(self) -> None:
+        """Log the sampling rule and the aggregator."""
+        log(INFO, "\t├──> Sites: %d; a round needs %d replies", self.num_sites, self.required_replies)
+        log(INFO, "\t└──> Aggregator: %s, codec %s", type(self.aggregator).__name__, self.wire.codec)
+
+    # --- configure -------------------------------------------------------------------------------------------
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's sampling and messages, with this round's entries (e.g. its phase) added to the config."""
-        round_config = ConfigRecord({**dict(config), **self.round_config(server_round)})
-        return super().configure_train(server_round, self._downlink(server_round, arrays, "train"), round_config, grid)
+        """Training messages for every connected node (after a bounded wait), with this round's config entries.
+
+        Sends :attr:`current`, not ``arrays``: a failed round restores
+        :attr:`current`, while Flower's loop keeps the last aggregate it saw.
+        """
+        server_round = self.true_round(server_round)
+        self.grid = grid
+        self.committed = ({k: v.copy() for k, v in self.current.items()}, aggregator_state(self.aggregator))
+        nodes = wait_for_nodes(grid, self.required_replies, self.wait_timeout, self.poll_seconds)
+        entries = {**dict(config), **self.round_config(server_round)}
+        return self._messages(server_round, "train", nodes, entries)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's evaluation messages, carrying the same wire format as training."""
-        return super().configure_evaluate(server_round, self._downlink(server_round, arrays, "evaluate"), config, grid)
+        """Evaluation messages carrying :attr:`current` for every node connected now (no further wait)."""
+        server_round = self.true_round(server_round)
+        self.grid = grid
+        return self._messages(server_round, "evaluate", sorted(int(n) for n in grid.get_node_ids()), dict(config))
+
+    def _messages(self, server_round: int, kind: str, nodes: list[int], entries: dict[str, Any]) -> list[Message]:
+        arrays = to_record(self.wire.downlink(server_round, self.current, kind))
+        self.bytes_down[(server_round, kind)] = arrays.count_bytes()
+        self.sent[(server_round, kind)] = list(nodes)
+        record = RecordDict(
+            {ARRAYS_RECORD: arrays, CONFIG_RECORD: ConfigRecord({**entries, SERVER_ROUND: server_round})}
+        )
+        message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        log(INFO, "round %s: %s messages to %d node(s)", server_round, kind, len(nodes))
+        return [Message(content=record, message_type=message_type, dst_node_id=node) for node in nodes]
+
+    # --- aggregate -------------------------------------------------------------------------------------------
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the trained sites' arrays; record every reply (rejected ones with the reason)."""
+        """Aggregate the accepted updates if the round has enough usable replies; record every reply."""
+        server_round = self.true_round(server_round)
         records: list[SiteReply] = []
         pending: list[tuple[SiteUpdate, SiteReply]] = []
-        for message in replies:
-            site, info = _site_of(message, self._node_sites)
-            if message.has_error():
-                records.append(SiteReply(site, "failed", reason=message.error.reason))
-                log(WARNING, "round %s: %s failed: %s", server_round, site, message.error.reason)
-                continue
-            content = message.content
-            metrics = dict(content.metric_records.get(METRICS_RECORD, MetricRecord()))
-            status = str(info.get("status", "trained"))
-            if status != "trained" or ARRAYS_RECORD not in content.array_records:
-                reason = str(info.get("reason", "no update sent"))
-                records.append(SiteReply(site, "skipped", reason, metrics, info=info))
-                log(INFO, "round %s: %s sent no update: %s", server_round, site, reason)
-                continue
-            record = content.array_records[ARRAYS_RECORD]
-            reply = SiteReply(site, "trained", "", metrics, bytes_up=record.count_bytes(), info=info)
-            records.append(reply)
-            try:
-                arrays = self.wire.decode_uplink(server_round, to_numpy(record))
-            except ValueError as err:
-                _reject(server_round, reply, f"cannot decode the update ({self.wire.codec}): {err}")
-                continue
-            pending.append((SiteUpdate(site, arrays, int(metrics.get("num-examples", 0))), reply))
+        for reply, content in self._identified(server_round, "train", replies, records):
+            status = str(reply.info.get(STATUS, "trained"))
+            if status == "trained" and ARRAYS_RECORD in content.array_records:
+                record = content.array_records[ARRAYS_RECORD]
+                reply.bytes_up = record.count_bytes()
+                try:
+                    arrays = self.wire.decode_uplink(server_round, to_numpy(record))
+                except ValueError as err:
+                    _reject(server_round, reply, f"cannot decode the update ({self.wire.codec}): {err}")
+                    continue
+                pending.append((SiteUpdate(reply.site, arrays, int(reply.metrics.get("num-examples", 0))), reply))
+            elif status == "trained":
+                _reject(server_round, reply, "the reply says trained but carries no arrays")
+            else:
+                reply.status = "skipped" if status == "skipped" else "refused"
+                reply.reason = str(reply.info.get(REASON, "")) or "no update sent"
+                log(INFO, "round %s: %s sent no update (%s): %s", server_round, reply.site, reply.status, reply.reason)
         self.train_replies[server_round] = records
+        if len(self._took_part(records, "training")) < self.required_replies:
+            self._fail(server_round, "training", records)
+            return None, None
         if not pending:
             log(WARNING, "round %s: no site sent an update; the global adapter stays as it was", server_round)
             return None, None
@@ -162,6 +283,11 @@ class SiteStrategy(FedAvg):
         diagnostics = aggregation_diagnostics(self.aggregator)
         diagnostics["rejected"] = sum(r.status == "rejected" for r in records)
         self.round_diagnostics[server_round] = diagnostics
+        if not accepted:
+            log(WARNING, "round %s: every update was rejected; the global adapter stays as it was", server_round)
+            self._roll_back()
+            return None, None
+        self.updated_rounds.add(server_round)
         total = sum(u.num_examples for u, _ in accepted) or 1
         mean_loss = sum(u.num_examples * r.metrics.get("train-loss", 0.0) for u, r in accepted) / total
         return to_record(self.current), MetricRecord(
@@ -187,18 +313,117 @@ class SiteStrategy(FedAvg):
         return [(update, reply) for update, reply in pending if reply.status == "trained"]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Record every site's evaluation; return the unweighted mean accuracy over sites."""
-        records = []
-        for message in replies:
-            site, info = _site_of(message, self._node_sites)
-            if message.has_error():
-                records.append(SiteReply(site, "failed", reason=message.error.reason))
-                log(WARNING, "round %s: evaluation at %s failed: %s", server_round, site, message.error.reason)
-                continue
-            metrics = dict(message.content.metric_records.get(METRICS_RECORD, MetricRecord()))
-            records.append(SiteReply(site, "evaluated", "", metrics, info=info))
+        """Record every site's evaluation; fail the round (undoing its update) if too few sites evaluated.
+
+        Returns the unweighted mean accuracy over the sites that evaluated.
+        """
+        server_round = self.true_round(server_round)
+        records: list[SiteReply] = []
+        for reply, _ in self._identified(server_round, "evaluate", replies, records):
+            status = str(reply.info.get(STATUS, "evaluated"))
+            if status != "evaluated":
+                reply.status, reply.reason = "refused", str(reply.info.get(REASON, "")) or "not evaluated"
+                log(WARNING, "round %s: %s did not evaluate: %s", server_round, reply.site, reply.reason)
         self.evaluate_replies[server_round] = records
-        accuracies = [r.metrics["accuracy"] for r in records if "accuracy" in r.metrics]
+        evaluated = self._took_part(records, "evaluation")
+        if len(evaluated) < self.required_replies:
+            if server_round in self.updated_rounds:
+                self._roll_back()
+                self.updated_rounds.discard(server_round)
+            self._fail(server_round, "evaluation", records)
+        accuracies = [r.metrics["accuracy"] for r in evaluated if "accuracy" in r.metrics]
         if not accuracies:
             return None
         return MetricRecord({"accuracy": float(np.mean(accuracies)), "sites-evaluated": len(accuracies)})
+
+    # --- replies, identities, failed rounds ------------------------------------------------------------------
+
+    def _identified(
+        self, server_round: int, kind: str, replies: Iterable[Message], records: list[SiteReply]
+    ) -> Iterable[tuple[SiteReply, RecordDict]]:
+        """Record error, rejected and missing replies in ``records``; yield the others (already recorded) with content."""
+        connected = {int(n) for n in self.grid.get_node_ids()} if self.grid is not None else set()
+        self.identities.begin_round()
+        replied: set[int] = set()
+        for message in replies:
+            node = int(message.metadata.src_node_id)
+            replied.add(node)
+            if message.has_error() or not message.has_content():
+                reason = message.error.reason if message.has_error() else "an empty reply"
+                records.append(SiteReply(self.identities.name_of(node), "failed", reason, node=node))
+                log(WARNING, "round %s: %s at %s failed: %s", server_round, kind, records[-1].site, reason)
+                continue
+            content = message.content
+            info = dict(content.config_records.get(SITE_RECORD, ConfigRecord()))
+            metrics = dict(content.metric_records.get(METRICS_RECORD, MetricRecord()))
+            claim = self.identities.claim(node, str(info.get(SITE_NAME, "") or ""), connected)
+            status = "trained" if kind == "train" else "evaluated"
+            reply = SiteReply(claim.site, status, "", metrics, info=info, node=node)
+            records.append(reply)
+            if claim.refused:
+                _reject(server_round, reply, claim.refused)
+                continue
+            yield reply, content
+        records.extend(self._missing(server_round, kind, replied))
+
+    def _missing(self, server_round: int, kind: str, replied: set[int]) -> list[SiteReply]:
+        """A ``missing`` reply for each node sent a message that did not answer, and each bound site not sent one."""
+        sent = self.sent.get((server_round, kind), [])
+        late = [
+            SiteReply(
+                self.identities.name_of(node),
+                "missing",
+                f"no reply within the round timeout ({self.wait_timeout:g} s)",
+                node=node,
+            )
+            for node in sent
+            if node not in replied
+        ]
+        absent = [
+            SiteReply(name, "missing", "not connected when the round started", node=node)
+            for name, node in sorted(self.identities.nodes.items())
+            if node not in sent and node not in replied
+        ]
+        return late + absent
+
+    def _roll_back(self) -> None:
+        """Put the global model and the aggregator state back as they were before this round."""
+        arrays, state = self.committed
+        self.current = {k: v.copy() for k, v in arrays.items()}
+        load_aggregator_state(self.aggregator, state)
+
+    def _took_part(self, records: list[SiteReply], kind: str) -> list[SiteReply]:
+        """The replies that count towards ``required_replies`` (the sites that took part in the round).
+
+        In time, from the node bound to the site, and ``trained`` (even if the
+        server's checks then rejected the update: the robust rule exists to
+        outvote it) or ``skipped`` by the site's own plan or budget; for
+        evaluation, ``evaluated``. Missing, failed, refused and
+        identity-rejected replies do not count.
+        """
+        if kind != "training":
+            return [r for r in records if r.status == "evaluated"]
+        bound = self.identities.nodes
+        return [
+            r
+            for r in records
+            if r.status in ("trained", "skipped") or (r.status == "rejected" and bound.get(r.site) == r.node)
+        ]
+
+    def _fail(self, server_round: int, kind: str, records: list[SiteReply]) -> None:
+        """Mark ``server_round`` failed: too few ``kind`` replies took part; say which sites were missing and why."""
+        counted = {id(r) for r in self._took_part(records, kind)}
+        count = len(counted)
+        unusable = [r for r in records if id(r) not in counted]
+        unnamed = {r.node for r in records if r.node is not None and r.node not in self.identities.sites}
+        absent = self.num_sites - len(self.identities.nodes) - len(unnamed)  # sites the server never heard of
+        parts = [f"{r.site} {r.status} ({r.reason})" for r in unusable]
+        if absent > 0:
+            parts.append(f"{absent} site(s) not connected")
+        reason = f"{count} of {self.required_replies} required {kind} replies{': ' + '; '.join(parts) if parts else ''}"
+        earlier = self.round_failures.get(server_round)
+        self.round_failures[server_round] = f"{earlier}; {reason}" if earlier else reason
+        self.round_unusable[server_round] = sorted(
+            set(self.round_unusable.get(server_round, [])) | {r.site for r in unusable}
+        )
+        log(WARNING, "fedcl: round %s failed: %s; the global model stays as it was", server_round, reason)

@@ -1,6 +1,6 @@
 """The server's last line against a reset site: a site whose ledger reports fewer DP steps than before is flagged."""
 
-from server.app import flag_step_regressions
+from server.privacy_report import flag_step_regressions
 from strategies.site_strategy import SiteReply
 
 

@@ -160,7 +160,8 @@ def test_an_undecodable_reply_is_rejected_not_fatal():
     rng = np.random.default_rng(1)
     strategy = build_strategy(parse_run_config({"num-sites": 3, "compression": "int8"}))
     base = random_adapter(rng)
-    sent = list(strategy.configure_train(1, to_record(base), ConfigRecord(), FakeGrid(3)))
+    strategy.current = base  # the strategy sends its own global model, not the arrays Flower's loop passes
+    sent = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(3)))
     good = [strategy.wire.compression.encode(_good(rng, base, list(base)), reference=base) for _ in range(2)]
     no_scale = {n: v for n, v in good[0].items() if not n.endswith(".int8-scale")}
     replies = [site_reply(sent[0], "a", good[0]), site_reply(sent[1], "b", good[1]), site_reply(sent[2], "c", no_scale)]
@@ -174,7 +175,7 @@ def test_an_error_reply_is_recorded_as_failed_and_the_round_goes_on():
     from flwr.app import Error
 
     rng = np.random.default_rng(3)
-    strategy = build_strategy(parse_run_config({"num-sites": 3}))
+    strategy = build_strategy(parse_run_config({"num-sites": 3, "min-replies": 2}))  # two replies make a round
     base = random_adapter(rng)
     sent = [instruction(node, 1) for node in (1, 2, 3)]
     replies = [
@@ -260,7 +261,8 @@ def test_ffa_client_keeps_a_fixed_sends_only_b_and_head_and_does_not_leak(tiny_m
 
     # Round 2: the server sends B and the head only (as strategies.wire does under FFA).
     strategy = build_strategy(parse_run_config(flat))
-    down = list(strategy.configure_train(2, first.content[ARRAYS_RECORD], ConfigRecord(), FakeGrid(2)))[0]
+    strategy.current = to_numpy(first.content[ARRAYS_RECORD])  # the global model the strategy sends
+    down = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), FakeGrid(2)))[0]
     assert sorted(to_numpy(down.content[ARRAYS_RECORD])) == ffa_trainable_names(initial)
     second = run_client(flat, down, 0, tmp_path, server_round=2)
     reply = to_numpy(second.content[ARRAYS_RECORD])
