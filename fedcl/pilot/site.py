@@ -1,0 +1,79 @@
+"""A hospital's SuperNode: its node config and key checked, the SuperLink reached, then `flower-supernode` started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+from fedcl.pilot.commands import DEFAULT_SITE_RUNTIME_PORT, supernode_command
+from fedcl.pilot.connection import Connection, check_reachable
+from fedcl.pilot.environment import flower_environment
+from fedcl.pilot.errors import PilotError
+from fedcl.pilot.node_config import SiteNodeConfig
+from fedcl.pilot.pki import load_site_private_key
+from fedcl.pilot.processes import ManagedProcess, ProcessFailed, ProcessGroup
+
+CONNECTED = r"SuperNode ID: \d+"  # flower-supernode's line once the SuperLink has accepted (activated) it
+FAILED = (r"Exit Code",)  # an unregistered key (code 2004), no key (2001), a bad key file...
+CONNECT_TIMEOUT = 90.0
+
+
+def start_site(
+    group: ProcessGroup,
+    connection: Connection,
+    private_key: Path | None,
+    node_config: SiteNodeConfig,
+    flwr_home: Path,
+    runtime_port: int = DEFAULT_SITE_RUNTIME_PORT,
+    log_path: Path | None = None,
+    echo: TextIO | None = None,
+    wait_connected: bool = True,
+    max_retries: int | None = None,
+) -> ManagedProcess:
+    """Start the site's ``flower-supernode`` in ``group``; with ``wait_connected``, wait until the SuperLink accepts it.
+
+    Checks first, each failure one :class:`PilotError` line: the key file
+    loads as Flower loads it (none only with ``--insecure``), the SuperLink
+    answers and presents the pilot CA's certificate. The node config must
+    already be checked (:func:`fedcl.pilot.node_config.check_node_config`).
+    The SuperNode's environment has no ``FEDCL_SIMULATION_SITES``.
+    """
+    if connection.insecure:
+        if private_key is not None:
+            raise PilotError(
+                "--insecure turns authentication off with TLS: drop --key, or drop --insecure (the default)"
+            )
+    else:
+        if private_key is None:
+            raise PilotError(
+                f"the site needs its private key: --key {node_config.site_name}.key (made by `fedcl site keys`)"
+            )
+        load_site_private_key(private_key)
+    check_reachable(connection)
+    node_config.state_dir.mkdir(parents=True, exist_ok=True)
+    process = group.start(
+        node_config.site_name,
+        supernode_command(
+            connection, private_key, node_config.to_argument(), runtime_port=runtime_port, max_retries=max_retries
+        ),
+        flower_environment(flwr_home),
+        log_path=log_path,
+        echo=echo,
+    )
+    if wait_connected:
+        try:
+            process.wait_for(CONNECTED, CONNECT_TIMEOUT, fail_patterns=FAILED)
+        except ProcessFailed as err:
+            process.stop()
+            raise PilotError(f"site {node_config.site_name} was not accepted by the SuperLink: {refusal(err)}") from err
+    return process
+
+
+def refusal(err: ProcessFailed) -> str:
+    """The SuperLink's reason in one line when it can be read from the SuperNode's output, else the whole error."""
+    text = str(err)
+    if "2004" in text:
+        return "its key is not registered (ask the coordinator to run `fedcl site register NAME KEY.pub`)"
+    if "2001" in text:
+        return "the SuperLink requires authentication: start the site with --key"
+    return text
