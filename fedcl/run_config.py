@@ -70,6 +70,9 @@ class RunConfig:
     min_replies: int = 0  # fewest site replies a round needs to count; 0: every one of num-sites
     max_failed_rounds: int = 3  # failed rounds in a row after which the run stops with a non-zero status
     resume: str = ""  # a run directory whose checkpoint this run continues (server side); empty: a fresh run
+    site_nodes: str = (
+        ""  # "site-a=NODE_ID,site-b=NODE_ID": each site's registered node (deployment); empty: first claim binds
+    )
     # --- aggregation (strategies/): robustness, server optimiser, wire codec
     robust: str = "validate"  # check every reply (keys, shapes, finite, norm) first: free for honest sites
     max_update_norm: float = (
@@ -153,6 +156,7 @@ class RunConfig:
             names = [name.strip() for name in text.split(",")] if text.strip() else []
             if any(not name for name in names) or len(set(names)) != len(names):
                 _fail(key, text, 'list distinct non-empty names separated by commas, e.g. "flu,cold,other"')
+        _ = self.site_node_ids  # raises on a malformed list
         if self.labels.strip() and len(self.label_names) < 2:
             _fail("labels", self.labels, "a classifier needs two or more labels")
         _positive_int("local-steps", self.local_steps)
@@ -199,6 +203,22 @@ class RunConfig:
     def group_names(self) -> list[str]:
         """The federation's public group values (``groups``)."""
         return [name.strip() for name in self.groups.split(",") if name.strip()]
+
+    @property
+    def site_node_ids(self) -> dict[str, int]:
+        """``site-nodes`` parsed: each site's name -> the node id its registered key was given."""
+        pairs: dict[str, int] = {}
+        for item in (part.strip() for part in self.site_nodes.split(",") if part.strip()):
+            name, _, node = item.partition("=")
+            if not name.strip() or not node.strip().isdigit() or name.strip() in pairs:
+                _fail(
+                    "site-nodes",
+                    self.site_nodes,
+                    'write distinct site=node-id pairs separated by commas, e.g. "hospital-a=4012,hospital-b=977" '
+                    "(fedcl site register prints each node id; fedcl run submit fills this in)",
+                )
+            pairs[name.strip()] = int(node.strip())
+        return pairs
 
     @property
     def required_replies(self) -> int:

@@ -98,7 +98,6 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         )
     strategy = build_strategy(config, round_config=schedule)
     strategy = continual.strategy(strategy) if continual else strategy
-    strategy.required_replies = config.required_replies  # also for ncm's class-sum strategy, built by ContinualRun
     report = RunReport(run_dir, config.to_flat(), resume_round=checkpoint.round if checkpoint else None)
     guard = RoundGuard(config.max_failed_rounds)
     watch = PrivacyWatch(config.dp, config.target_epsilon)

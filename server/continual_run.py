@@ -32,6 +32,7 @@ from fedcl.experience_plan import describe_plan, plan_from_config
 from fedcl.experience_schedule import ExperienceSchedule
 from fedcl.run_config import RunConfig
 from server.continual_metrics import accuracy_matrix, continual_summary, experience_rows
+from server.strategy_setup import build_strategy
 from strategies.ncm_aggregator import ClassSumAggregator
 from strategies.site_strategy import SiteReply, SiteStrategy
 
@@ -75,7 +76,7 @@ class ContinualRun:
         """The run's strategy: ``default``, except the class-sum adder for the nearest-class-mean recipe."""
         if self.config.recipe != "ncm":
             return default
-        return SiteStrategy(ClassSumAggregator(), num_sites=self.config.num_sites, round_config=self.round_config)
+        return build_strategy(self.config, self.round_config, aggregator=ClassSumAggregator())
 
     def on_round_end(self, server_round: int, evaluated: Sequence[SiteReply]) -> dict[str, Any] | None:
         """After a slot's last round: add row ``slot`` of the matrix from the sites' counts; returns its row."""

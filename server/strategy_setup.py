@@ -58,6 +58,7 @@ def build_strategy(
         compression=build_compression(config.compression),
         required_replies=config.required_replies,
         wait_timeout=config.round_timeout,
+        registered_nodes=config.site_node_ids,
     )
 
 

@@ -10,7 +10,11 @@ node to it:
 - when the earlier node is gone, the name re-binds to the new node (a
   SuperNode restarted without node authentication registers afresh and gets
   a new node id; an authenticated one keeps the id bound to its key);
-- a node that claims a second name while still bound to its first is refused.
+- a node that claims a second name while still bound to its first is refused;
+- with the registered nodes given (run config ``site-nodes``: the node id
+  Flower gave each site's authenticated key at registration), a name is
+  accepted only from its registered node, and a name not registered is
+  refused: the binding then rests on the site's key, not on who claimed first.
 
 The bindings are part of the server's checkpoint (:meth:`state`/:meth:`restore`).
 No Flower or torch here: node ids are plain ints.
@@ -42,7 +46,8 @@ def node_label(node: int) -> str:
 class SiteIdentities:
     """The node -> site bindings of one run (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, registered: Mapping[str, int] | None = None) -> None:
+        self.registered = dict(registered or {})  # site name -> the node id of its registered key (may be empty)
         self.sites: dict[int, str] = {}  # node id -> site name
         self.nodes: dict[str, int] = {}  # site name -> node id (the inverse)
         self.round_claims: dict[str, int] = {}  # site name -> node id, claims of the current round and kind
@@ -64,6 +69,10 @@ class SiteIdentities:
         """
         if not name:
             return Claim(node_label(node), f"node {node} sent a reply that names no site (the site record's 'site')")
+        if self.registered and self.registered.get(name) != node:
+            owner = self.registered.get(name)
+            why = f"registered to node {owner}" if owner is not None else "not among the registered sites (site-nodes)"
+            return Claim(node_label(node), f"node {node} claims site {name!r}, which is {why}")
         bound_name = self.sites.get(node)
         if bound_name is not None and bound_name != name:
             return Claim(

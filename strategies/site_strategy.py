@@ -28,7 +28,7 @@ continues a run: hooks and ``evaluate_fn`` see the true round numbers. No torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -133,6 +133,7 @@ class SiteStrategy(Strategy):
         required_replies: int | None = None,
         wait_timeout: float = 3600.0,
         poll_seconds: float = 1.0,
+        registered_nodes: Mapping[str, int] | None = None,
     ) -> None:
         if not 1 <= (required_replies or num_sites) <= num_sites:
             raise ValueError(f"required_replies = {required_replies}: use 1 .. num_sites ({num_sites}) or None (all)")
@@ -143,7 +144,7 @@ class SiteStrategy(Strategy):
         self.poll_seconds = poll_seconds
         self.round_config = round_config or (lambda server_round: {})
         self.wire = WireFormat(aggregator, compression)
-        self.identities = SiteIdentities()
+        self.identities = SiteIdentities(registered_nodes)
         self.current: Arrays = {}  # the committed global model: what the next round sends
         self.round_offset = 0  # rounds done before start(): Flower's round r is round r + offset of the run
         self.grid: Grid | None = None

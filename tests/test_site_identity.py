@@ -109,3 +109,37 @@ def test_bindings_survive_the_checkpoint():
     restored.restore(identities.state())
     assert restored.sites == {11: "a", 12: "b"} and restored.nodes == {"a": 11, "b": 12}
     assert "still connected" in restored.claim(13, "a", connected={11, 12, 13}).refused
+
+
+def test_with_registered_nodes_a_name_is_accepted_only_from_its_registered_node_even_first():
+    """site-nodes binds each name to the node id of the site's registered key: claiming first wins nothing."""
+    grid = ScriptedGrid({1: scripted_site("a", 0), 2: scripted_site("b", 1), 3: scripted_site("a", 7)})
+    strategy = strategy_for(3, **{"site-nodes": "a=1,b=2", "min-replies": 2})
+    identities = strategy.identities
+    assert "registered to node 1" in identities.claim(3, "a", connected={1, 2, 3}).refused  # 3 asks first
+    assert "not among the registered sites" in identities.claim(3, "c", connected={1, 2, 3}).refused
+    identities.begin_round()
+    received = dict(strategy.current)
+    train_round(strategy, grid, 1)
+    assert by_site(strategy, 1)["node-3"][0] == "rejected" and by_site(strategy, 1)["a"] == ("trained", "")
+    np.testing.assert_allclose(strategy.current["w"], expected_mean([0, 1], 1, received), rtol=1e-6)
+    assert identities.nodes == {"a": 1, "b": 2}
+
+
+def test_a_malformed_site_nodes_list_names_the_fix():
+    from fedcl.run_config import ConfigError
+
+    with pytest.raises(ConfigError, match="site=node-id pairs"):
+        parse_run_config({"site-nodes": "a=1,b=x"})
+    assert parse_run_config({"site-nodes": " a=1 , b=22"}).site_node_ids == {"a": 1, "b": 22}
+
+
+def test_the_pilot_remembers_each_registered_keys_node_for_site_nodes(tmp_path):
+    from fedcl.pilot.registration import Registration, record_registration, registered_nodes, site_nodes_value
+
+    record_registration(tmp_path, Registration("hospital-b", "977", "SHA256:x", already_registered=False))
+    record_registration(tmp_path, Registration("hospital-a", "4012", "SHA256:y", already_registered=False))
+    record_registration(tmp_path, Registration("hospital-a", "", "SHA256:y", already_registered=True))  # keeps 4012
+    assert registered_nodes(tmp_path) == {"hospital-a": 4012, "hospital-b": 977}
+    value = site_nodes_value(registered_nodes(tmp_path))
+    assert parse_run_config({"site-nodes": value}).site_node_ids == {"hospital-a": 4012, "hospital-b": 977}

@@ -86,8 +86,16 @@ def submit_run(connection: Connection, flwr_home: Path, run_config: str, project
 
     Reaches the SuperLink first (a wrong address or CA is named in one line),
     then runs ``flwr run`` through the pilot connection in ``flwr_home``.
-    Raises :class:`PilotError` if the SuperLink refuses the run.
+    Unless the run config names ``site-nodes``, it gets the node ids of the
+    sites registered through ``flwr_home`` (so the server accepts each site's
+    name only from the node of its registered key). Raises
+    :class:`PilotError` if the SuperLink refuses the run.
     """
+    from fedcl.pilot.registration import registered_nodes, site_nodes_value
+
+    nodes = registered_nodes(flwr_home)
+    if nodes and "site-nodes" not in run_config:
+        run_config = f'{run_config} site-nodes="{site_nodes_value(nodes)}"'.strip()
     check_reachable(connection)
     answer = call_flwr(submit_command(project, run_config), connection, flwr_home, timeout=300.0, cwd=project)
     if not answer.get("success") or not answer.get("run-id"):
