@@ -19,6 +19,7 @@ from flwr.common.logger import log
 
 from client.data_fingerprint import check_data_fingerprint
 from client.evaluation import evaluate_adapter, evaluate_class_sums
+from client.feature_store import attach_feature_store
 from client.privacy_ledger import LedgerError
 from client.site_budget import SiteBusyError
 from client.site_data import SiteDataError
@@ -61,6 +62,7 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, SitePolicy, S
     check_proposal(policy, runtime.config)
     state = open_state(policy.state_dir)
     check_data_fingerprint(state, runtime)
+    attach_feature_store(runtime, context.node_config, state)  # features of its records kept in its state dir
     round_config = dict(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()))
     return runtime, policy, state, round_config
 

@@ -27,6 +27,7 @@ import torch
 from client.continual import head_prefix, importance_batches, pool_rows
 from client.dp_training import PrivateOutcome, train_private, train_private_features
 from client.ewc import ImportanceEstimate, estimate_importance
+from client.feature_store import FROZEN, forget_feature_stores, stored_features, stored_head_inputs
 from client.head_features import adapter_fingerprint, head_inputs, head_module
 from client.local_training import trim_padding
 from client.mechanisms import SgdMechanism
@@ -46,7 +47,9 @@ def cached_head_inputs(runtime: SiteRuntime, split: str) -> torch.Tensor:
     One entry per site and split is kept (the latest adapter). The entry holds
     the site's data and model objects themselves and is reused only for those
     very objects (identity, not ``id()``, which Python reuses after a free), so
-    a new split or model never meets stale vectors.
+    a new split or model never meets stale vectors. A miss reads the site's
+    feature store (``client/feature_store.py``: its state directory, where the
+    features outlive the process) before embedding.
     """
     key = (runtime.data.name, split)
     fingerprint = adapter_fingerprint(runtime.adapter.model)
@@ -57,37 +60,49 @@ def cached_head_inputs(runtime: SiteRuntime, split: str) -> torch.Tensor:
             runtime.data,
             runtime.adapter,
             fingerprint,
-            head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size),
+            stored_head_inputs(
+                runtime,
+                split,
+                fingerprint,
+                lambda: head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size),
+            ),
         )
         _HEAD_INPUTS[key] = cached
     return cached[3]
 
 
 def frozen_features(runtime: SiteRuntime, split: str) -> np.ndarray:
-    """Unit-length mean-pooled features of the frozen base (adapters off) for a split, once per process."""
+    """Unit-length mean-pooled features of the frozen base (adapters off) for a split, once per process.
+
+    A miss reads the site's feature store before embedding (as :func:`cached_head_inputs`).
+    """
     key = (runtime.data.name, split)
     cached = _FROZEN_FEATURES.get(key)
     if cached is None or cached[0] is not runtime.data or cached[1] is not runtime.adapter:
         data = runtime.data.train if split == "train" else runtime.data.test
         size = runtime.config.eval_batch_size
-        chunks = [
-            mean_pooled_features(
-                runtime.adapter.model,
-                trim_padding(data.rows(torch.arange(start, min(start + size, len(data))))),
-                batch_size=size,
-            )
-            for start in range(0, len(data), size)
-        ]
-        features = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
-        cached = (runtime.data, runtime.adapter, features)
+
+        def embed() -> np.ndarray:
+            chunks = [
+                mean_pooled_features(
+                    runtime.adapter.model,
+                    trim_padding(data.rows(torch.arange(start, min(start + size, len(data))))),
+                    batch_size=size,
+                )
+                for start in range(0, len(data), size)
+            ]
+            return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
+
+        cached = (runtime.data, runtime.adapter, stored_features(runtime, FROZEN, split, FROZEN, embed))
         _FROZEN_FEATURES[key] = cached
     return cached[2]
 
 
 def forget_cached_features() -> None:
-    """Drop every cached feature tensor (what a restarted site process would not have)."""
+    """Drop every cached feature tensor and feature store (what a restarted site process would not have)."""
     _HEAD_INPUTS.clear()
     _FROZEN_FEATURES.clear()
+    forget_feature_stores()
 
 
 def run_probe(
