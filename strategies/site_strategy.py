@@ -156,6 +156,7 @@ class SiteStrategy(Strategy):
         self.round_unusable: dict[int, list[str]] = {}  # round -> sites whose reply was missing or unusable
         self.updated_rounds: set[int] = set()  # rounds whose aggregated update was kept
         self.sent: dict[tuple[int, str], list[int]] = {}  # (round, kind) -> node ids a message went to
+        self.outbox: dict[tuple[int, str], list[Message]] = {}  # (round, kind) -> the messages, until replies are read
         self.committed: tuple[Arrays, Arrays] = ({}, {})  # (global arrays, aggregator state) before this round
 
     # --- the loop --------------------------------------------------------------------------------------------
@@ -244,7 +245,9 @@ class SiteStrategy(Strategy):
         )
         message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
         log(INFO, "round %s: %s messages to %d node(s)", server_round, kind, len(nodes))
-        return [Message(content=record, message_type=message_type, dst_node_id=node) for node in nodes]
+        messages = [Message(content=record, message_type=message_type, dst_node_id=node) for node in nodes]
+        self.outbox[(server_round, kind)] = messages  # Flower's grid gives each its message id when it sends it
+        return messages
 
     # --- aggregate -------------------------------------------------------------------------------------------
 
@@ -346,8 +349,12 @@ class SiteStrategy(Strategy):
         connected = {int(n) for n in self.grid.get_node_ids()} if self.grid is not None else set()
         self.identities.begin_round()
         replied: set[int] = set()
+        outbox = self.outbox.pop((server_round, kind), [])
+        destinations = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in outbox if m.metadata.message_id}
         for message in replies:
             node = int(message.metadata.src_node_id)
+            if message.has_error():  # the SuperLink answers for a node that stopped heartbeating, from its own id
+                node = destinations.get(message.metadata.reply_to_message_id, node)
             replied.add(node)
             if message.has_error() or not message.has_content():
                 reason = message.error.reason if message.has_error() else "an empty reply"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -16,6 +17,7 @@ from fedcl.pilot.processes import ManagedProcess, ProcessFailed, ProcessGroup
 CONNECTED = r"SuperNode ID: \d+"  # flower-supernode's line once the SuperLink has accepted (activated) it
 FAILED = (r"Exit Code",)  # an unregistered key (code 2004), no key (2001), a bad key file...
 CONNECT_TIMEOUT = 90.0
+ACTIVATION_REFUSED = "code 2004"  # in the PilotError of a refused activation (an unknown key, or a node still online)
 
 
 def start_site(
@@ -29,6 +31,7 @@ def start_site(
     echo: TextIO | None = None,
     wait_connected: bool = True,
     max_retries: int | None = None,
+    prefix: Sequence[str] = (),
 ) -> ManagedProcess:
     """Start the site's ``flower-supernode`` in ``group``; with ``wait_connected``, wait until the SuperLink accepts it.
 
@@ -37,6 +40,9 @@ def start_site(
     answers and presents the pilot CA's certificate. The node config must
     already be checked (:func:`fedcl.pilot.node_config.check_node_config`).
     The SuperNode's environment has no ``FEDCL_SIMULATION_SITES``.
+    ``prefix`` goes in front of the command, e.g. ``["ip", "netns", "exec",
+    "site-a"]`` to run the site in a network namespace of its own (the
+    checks above still run here, in the caller's namespace).
     """
     if connection.insecure:
         if private_key is not None:
@@ -53,9 +59,12 @@ def start_site(
     node_config.state_dir.mkdir(parents=True, exist_ok=True)
     process = group.start(
         node_config.site_name,
-        supernode_command(
-            connection, private_key, node_config.to_argument(), runtime_port=runtime_port, max_retries=max_retries
-        ),
+        [
+            *prefix,
+            *supernode_command(
+                connection, private_key, node_config.to_argument(), runtime_port=runtime_port, max_retries=max_retries
+            ),
+        ],
         flower_environment(flwr_home),
         log_path=log_path,
         echo=echo,
@@ -72,8 +81,13 @@ def start_site(
 def refusal(err: ProcessFailed) -> str:
     """The SuperLink's reason in one line when it can be read from the SuperNode's output, else the whole error."""
     text = str(err)
-    if "2004" in text:
-        return "its key is not registered (ask the coordinator to run `fedcl site register NAME KEY.pub`)"
+    if "2004" in text:  # Flower sends the same code for an unknown key and for a node id it still counts as online
+        return (
+            f"the SuperLink refused to activate it ({ACTIVATION_REFUSED}): its key is not registered (ask the "
+            "coordinator to run `fedcl site register NAME KEY.pub`), or a SuperNode with this key is still "
+            "connected: one running elsewhere, or one that stopped without signing off (a crash, a lost network) "
+            "less than ~60 s ago, until it misses two heartbeats; stop the other one, or start again in a minute"
+        )
     if "2001" in text:
         return "the SuperLink requires authentication: start the site with --key"
     return text

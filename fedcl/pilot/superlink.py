@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -91,12 +92,15 @@ def start_superlink(
     database: Path | None = None,
     log_path: Path | None = None,
     echo: TextIO | None = None,
+    prefix: Sequence[str] = (),
 ) -> ManagedProcess:
     """Start ``flower-superlink`` in ``group`` and wait until it accepts connections; return the process.
 
     ``certs`` None means ``--insecure``: plaintext and no SuperNode
     authentication. Raises :class:`PilotError` if it exits or reports a
     failure (the port in use, a bad certificate) before it is ready.
+    ``prefix`` goes in front of the command, e.g. ``["ip", "netns", "exec",
+    "coordinator"]`` to run it in a network namespace of its own.
     """
     if certs is not None:
         check_server_certificates(certs)
@@ -104,7 +108,7 @@ def start_superlink(
         make_private_folder(database.parent)  # the database holds the runs' messages (model updates): owner only
     process = group.start(
         "superlink",
-        superlink_command(certs, host, port, database),
+        [*prefix, *superlink_command(certs, host, port, database)],
         flower_environment(flwr_home),
         log_path=log_path,
         echo=echo,
