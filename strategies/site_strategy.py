@@ -245,7 +245,12 @@ class SiteStrategy(Strategy):
         )
         message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
         log(INFO, "round %s: %s messages to %d node(s)", server_round, kind, len(nodes))
-        messages = [Message(content=record, message_type=message_type, dst_node_id=node) for node in nodes]
+        # A message lives as long as the round waits for its reply: a site that comes back after the server closed
+        # the round never receives it, so it spends no budget on a round whose reply would be discarded.
+        messages = [
+            Message(content=record, message_type=message_type, dst_node_id=node, ttl=self.wait_timeout)
+            for node in nodes
+        ]
         self.outbox[(server_round, kind)] = messages  # Flower's grid gives each its message id when it sends it
         return messages
 

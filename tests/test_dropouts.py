@@ -226,3 +226,14 @@ def test_an_update_the_robust_rule_rejects_still_counts_as_taking_part():
     assert one_round(strategy, grid, 1) is not None and 1 not in strategy.round_failures
     assert {r.site: r.status for r in strategy.train_replies[1]} == {"a": "trained", "b": "trained", "c": "rejected"}
     np.testing.assert_allclose(strategy.current["w"], mean_update([0, 1], 1, {}), rtol=1e-6)
+
+
+def test_a_rounds_messages_expire_with_its_timeout():
+    """A site that returns after the server closed a round must not receive (and pay for) that round's message."""
+    from fedcl.run_config import parse_run_config
+    from server.strategy_setup import build_strategy
+
+    strategy = build_strategy(parse_run_config({"num-sites": 2, "recipe": "lora", "round-timeout": 42.0}))
+    grid = ScriptedGrid({1: scripted_site("a", 0), 2: scripted_site("b", 1)})
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert [m.metadata.ttl for m in messages] == [42.0, 42.0]
