@@ -1,4 +1,8 @@
-"""Small per-site CSVs for pilot tests, cut from the shared MedQuAD file (real biomedical text, offline)."""
+"""Small per-site CSVs for pilot tests: real biomedical text from the shared MedQuAD file, offline.
+
+Where ``../shared/data`` is not beside the checkout, the packaged BBC News
+corpus (always installed) stands in, so the deployment tests still run.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +11,31 @@ import random
 import sys
 from pathlib import Path
 
-import pytest
-
 MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "medquad" / "medquad.csv"
-LABELS = ("frequency", "genetic changes", "inheritance")  # three question types, 1,000+ answers each
+MEDQUAD_LABELS = ("frequency", "genetic changes", "inheritance")  # three question types, 1,000+ answers each
+BBC_LABELS = ("business", "sport", "tech")
+LABELS = MEDQUAD_LABELS if MEDQUAD.is_file() else BBC_LABELS
 FAST_RUN_CONFIG = 'recipe="probe-then-lora" probe-rounds=2 num-rounds=0 probe-steps=5 max-length=32'
 
 
-def medquad_rows() -> list[dict[str, str]]:
-    """MedQuAD's rows of the three LABELS question types; the test is skipped if the shared data is not there."""
-    if not MEDQUAD.is_file():
-        pytest.skip(f"the shared MedQuAD file is not at {MEDQUAD} (see ../shared/data/README.md)")
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with MEDQUAD.open(newline="", encoding="utf-8") as handle:
-        return [row for row in csv.DictReader(handle) if row["qtype"] in LABELS]
+def labelled_rows() -> list[tuple[str, str]]:
+    """(text, label) rows of the three LABELS: MedQuAD's answers, or BBC News articles where MedQuAD is absent."""
+    if MEDQUAD.is_file():
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        with MEDQUAD.open(newline="", encoding="utf-8") as handle:
+            return [(row["answer"], row["qtype"]) for row in csv.DictReader(handle) if row["qtype"] in LABELS]
+    from fedcl.run_config import RunConfig
+    from simulations.data_sources import load_dataset
+
+    data = load_dataset(RunConfig())
+    return [(text, data.label_names[y]) for text, y in zip(data.texts, data.labels) if data.label_names[y] in LABELS]
 
 
 def write_site_csvs(
     folder: Path, sites: int = 2, per_site: int = 40, seed: int = 1, max_chars: int = 400
 ) -> list[Path]:
-    """Write ``sites`` disjoint CSVs (columns text,label) of ``per_site`` MedQuAD answers each into ``folder``."""
-    rows = medquad_rows()
+    """Write ``sites`` disjoint CSVs (columns text,label) of ``per_site`` records each into ``folder``."""
+    rows = labelled_rows()
     random.Random(seed).shuffle(rows)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -37,6 +45,6 @@ def write_site_csvs(
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
             for row in rows[index * per_site : (index + 1) * per_site]:
-                writer.writerow([row["answer"][:max_chars], row["qtype"]])
+                writer.writerow([row[0][:max_chars], row[1]])
         paths.append(path)
     return paths
