@@ -308,3 +308,16 @@ def test_flower_processes_get_the_pilot_environment(tmp_path: Path) -> None:
     assert environment["FLWR_TELEMETRY_ENABLED"] == "0" and environment["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     assert environment["HF_HUB_OFFLINE"] == "0"  # an operator's explicit choice is kept; the default is offline
     assert flower_environment(tmp_path / "home", {"PATH": ""})["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_site_start_retries_only_a_connection_the_superlink_never_answered():
+    from fedcl.pilot.processes import ProcessFailed
+    from fedcl.pilot.site import transient
+
+    timed_out = "site-2 reported: ERROR: Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+    refused = (
+        "ERROR: Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n[code: 2004] Node not found"
+    )
+    assert transient(ProcessFailed(timed_out))
+    assert not transient(ProcessFailed(refused))
+    assert not transient(ProcessFailed("ERROR: Exit Code: 2004"))

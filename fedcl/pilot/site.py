@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -17,6 +18,8 @@ from fedcl.pilot.processes import ManagedProcess, ProcessFailed, ProcessGroup
 CONNECTED = r"SuperNode ID: \d+"  # flower-supernode's line once the SuperLink has accepted (activated) it
 FAILED = (r"Exit Code",)  # an unregistered key (code 2004), no key (2001), a bad key file...
 CONNECT_TIMEOUT = 90.0
+START_ATTEMPTS = 3  # a connection that failed without the SuperLink's answer (a loaded machine) is started again
+RETRY_PAUSE = 3.0
 ACTIVATION_REFUSED = "code 2004"  # in the PilotError of a refused activation (an unknown key, or a node still online)
 
 
@@ -57,25 +60,39 @@ def start_site(
         load_site_private_key(private_key)
     check_reachable(connection)
     node_config.state_dir.mkdir(parents=True, exist_ok=True)
-    process = group.start(
-        node_config.site_name,
-        [
-            *prefix,
-            *supernode_command(
-                connection, private_key, node_config.to_argument(), runtime_port=runtime_port, max_retries=max_retries
-            ),
-        ],
-        flower_environment(flwr_home),
-        log_path=log_path,
-        echo=echo,
-    )
-    if wait_connected:
+    command = [
+        *prefix,
+        *supernode_command(
+            connection, private_key, node_config.to_argument(), runtime_port=runtime_port, max_retries=max_retries
+        ),
+    ]
+    for attempt in range(1, START_ATTEMPTS + 1):
+        process = group.start(
+            node_config.site_name, command, flower_environment(flwr_home), log_path=log_path, echo=echo
+        )
+        if not wait_connected:
+            return process
         try:
             process.wait_for(CONNECTED, CONNECT_TIMEOUT, fail_patterns=FAILED)
+            return process
         except ProcessFailed as err:
             process.stop()
+            if attempt < START_ATTEMPTS and transient(err):
+                time.sleep(RETRY_PAUSE)
+                continue
             raise PilotError(f"site {node_config.site_name} was not accepted by the SuperLink: {refusal(err)}") from err
-    return process
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def transient(err: ProcessFailed) -> bool:
+    """True for a connection that failed without an answer from the SuperLink (exit 305 with no Flower error code).
+
+    Seen on a loaded machine: the activation request times out before the
+    SuperLink answers. A refusal (an unknown key: code 2004; no key: 2001)
+    carries a code and is never retried.
+    """
+    text = str(err)
+    return "Exit Code: 305" in text and "[code:" not in text
 
 
 def refusal(err: ProcessFailed) -> str:
