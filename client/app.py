@@ -74,12 +74,9 @@ def _site_record(site: str, status: str, reason: str = "") -> ConfigRecord:
 def _refusal(msg: Message, context: Context, err: Exception) -> Message:
     """The reply of a site that cannot take part: its data do not fit (details only in its log), or its settings."""
     site = str(context.node_config.get("site-name", "") or f"node-{context.node_id}")
-    if isinstance(err, SiteDataError):  # its text names records' labels: it stays on site
-        log(ERROR, "%s: %s", site, err)
-        reason = DATA_ERROR
-    else:  # decided by the run and node configs, not by records
-        log(ERROR, "%s: %s", site, err)
-        reason = str(err)
+    log(ERROR, "%s: %s", site, err)
+    # A data error's text names records and labels: it stays on site. Other config errors come from settings.
+    reason = DATA_ERROR if isinstance(err, SiteDataError) else str(err)
     return Message(content=RecordDict({SITE_RECORD: _site_record(site, "refused", reason)}), reply_to=msg)
 
 

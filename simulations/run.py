@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -147,23 +146,20 @@ def _toml_value(value: Any) -> str:
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:
-    """Environment for `flwr run` on these machines (STACK-NOTES): no runtime installs, no telemetry."""
-    env = dict(os.environ)
-    # `flwr run` starts `flower-superlink` (and it starts `flwr-simulation`) by name from PATH:
-    # put this interpreter's scripts first so it works without an activated virtual environment.
-    scripts = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([scripts, *[part for part in env.get("PATH", "").split(os.pathsep) if part]])
+    """Environment for `flwr run` on these machines (STACK-NOTES): the pilot's Flower environment, plus Ray's.
+
+    The pilot's (``fedcl/pilot/environment.py``): this interpreter's scripts
+    first on PATH (`flwr run` starts `flower-superlink`, which starts
+    `flwr-simulation`, by name), no runtime installs, no telemetry, offline.
+    Added here: Ray's temporary folder and a SuperLink of its own on free ports.
+    """
+    from fedcl.pilot.environment import flower_environment as pilot_environment
+
+    env = pilot_environment(flwr_home)
     env.update(
         {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
             "RAY_TMPDIR": str(flwr_home / "ray"),
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
-            "PYTHONUNBUFFERED": "1",
             # A SuperLink of its own on free ports: `flwr run` reuses whatever answers on its default local port,
             # so two runs at once (or a leftover SuperLink) would share one, and the first to finish would stop it.
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_local_port()),
