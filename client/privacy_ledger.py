@@ -23,6 +23,24 @@ order. A fresh Opacus accountant over the same history (``compute_epsilon``)
 gives a smaller number for a fixed, non-adaptive schedule; it is not the
 guarantee here.
 
+**Record groups (parallel composition).** Each entry may name the disjoint
+record groups it read (:class:`client.mechanisms.RecordGroups`: cells of a
+public partition, e.g. the labels of one class-incremental experience, plus
+the replay buffer's earlier experiences). A record's cell is a function of
+its own content, so a mechanism that does not read it has the same output
+with or without it: its individual Renyi divergence there is 0. The filter
+therefore bounds, for every record, the sum over the entries that read its
+cell (the individual filter of Feldman and Zrnic, which allows per-record
+losses chosen adaptively). The bound used for the worst record is
+``universal + sum over partitions of (max over cells)``, where ``universal``
+sums the entries that read every record (no groups named: version-2 entries,
+joint runs): exact with one partition (the usual case), and an upper bound
+when a site's life mixes partitions (a label stream in one run, a group
+stream in another). Without groups every entry composes sequentially, as
+before. ``divergence`` (the sentinel's figure) stays the sequential sum of
+every entry: it only grows, so it also catches a rolled-back entry of a cell
+that is not the worst.
+
 On disk it is one JSON file, written atomically (temporary file in the same
 folder, fsync, ``os.replace``, fsync of the folder) and guarded by a format
 tag, a version and a SHA-256 of its payload. A file that fails any check raises
@@ -41,19 +59,21 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.mechanisms import Step  # (noise_multiplier, sample_rate, steps), as in Opacus' history
+import numpy as np
+
+from client.mechanisms import RecordGroups, Step  # Step: (noise_multiplier, sample_rate, steps), as in Opacus
 from client.state_files import write_atomic
 from fedcl.run_config import ConfigError
 
 ACCOUNTANTS = ("prv", "rdp")  # prv: tightest bound Opacus offers (its default); rdp: the classic one
 LEDGER_FORMAT = "fedcl-privacy-ledger"
-LEDGER_VERSION = (
-    2  # 2: the RDP filter (its order); version 1 files are read, their order is fixed at the next calibration
-)
+LEDGER_VERSION = 3  # 3: entries name their record groups; 2: the RDP filter (its order); 1 and 2 are read
+READABLE_VERSIONS = (1, 2, LEDGER_VERSION)
 FILTER_MECHANISM = "rdp-filter"
 MAX_WORKABLE_NOISE = 20.0  # above this the noise std is 20x the clip per step: the update is noise
 NOISE_SEARCH_CEILING = 1e6  # Opacus' own MAX_SIGMA; past it no noise level meets the budget
@@ -117,16 +137,6 @@ def _epsilon_of(entries: tuple[Step, ...], delta: float, accountant: str) -> flo
     counter = create_accountant(mechanism=accountant)
     counter.history = list(entries)
     return float(counter.get_epsilon(delta=delta))
-
-
-def _extended(history: list[Step], noise_multiplier: float, sample_rate: float, steps: int) -> list[Step]:
-    """The history after ``steps`` more steps; an entry with the same settings as the last one merges into it."""
-    if steps == 0:
-        return list(history)
-    step = (float(noise_multiplier), float(sample_rate))
-    if history and history[-1][:2] == step:
-        return [*history[:-1], (*step, history[-1][2] + steps)]
-    return [*history, (*step, steps)]
 
 
 def calibrate_noise_multiplier(
@@ -251,13 +261,54 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, .
     )
 
 
-def rdp_of(history: list[Step]) -> list[float]:
-    """Renyi divergence of the whole history at every filter order (composition adds it up, in any order)."""
+Entry = tuple  # (noise_multiplier, sample_rate, steps) or the same with a 4th item, RecordGroups | None
+
+
+def split_entry(entry: Entry) -> tuple[Step, RecordGroups | None]:
+    """An entry's step ``(noise_multiplier, sample_rate, steps)`` and the record groups it read (None: all)."""
+    if len(entry) == 3:
+        return (float(entry[0]), float(entry[1]), int(entry[2])), None
+    if len(entry) == 4 and (entry[3] is None or isinstance(entry[3], RecordGroups)):
+        return (float(entry[0]), float(entry[1]), int(entry[2])), entry[3]
+    raise ValueError(f"ledger entry {entry!r}: use (noise_multiplier, sample_rate, steps[, RecordGroups or None])")
+
+
+def rdp_of(history: Sequence[Entry]) -> list[float]:
+    """Renyi divergence of every entry composed in sequence, at every filter order, whatever groups they read."""
     total = [0.0] * len(FILTER_ORDERS)
-    for sigma, rate, steps in history:
+    for entry in history:
+        (sigma, rate, steps), _ = split_entry(entry)
         if steps > 0:
-            total = [t + steps * r for t, r in zip(total, _rdp_per_step(float(sigma), float(rate)))]
+            total = [t + steps * r for t, r in zip(total, _rdp_per_step(sigma, rate))]
     return total
+
+
+def worst_record_rdp(entries: Sequence[Entry]) -> list[float]:
+    """Renyi divergence of the worst-off record at every filter order (see "Record groups" above).
+
+    ``universal`` (entries that read every record) plus, per partition, the
+    largest per-cell sum at each order.
+    """
+    universal = np.zeros(len(FILTER_ORDERS))
+    cells: dict[str, dict[str, int]] = {}
+    per_cell: list[np.ndarray] = []
+    for entry in entries:
+        (sigma, rate, steps), groups = split_entry(entry)
+        if steps <= 0:
+            continue
+        cost = steps * np.asarray(_rdp_per_step(sigma, rate))
+        if groups is None:
+            universal += cost
+            continue
+        index = cells.setdefault(groups.partition, {})
+        for cell in groups.cells:
+            if cell not in index:
+                index[cell] = len(per_cell)
+                per_cell.append(np.zeros(len(FILTER_ORDERS)))
+            per_cell[index[cell]] += cost
+    for index in cells.values():
+        universal += np.max(np.stack([per_cell[i] for i in index.values()]), axis=0)
+    return [float(v) for v in universal]
 
 
 def epsilon_at(rdp: float, order: float, delta: float) -> float:
@@ -267,26 +318,31 @@ def epsilon_at(rdp: float, order: float, delta: float) -> float:
     return rdp - (math.log(delta) + math.log(order)) / (order - 1) + math.log((order - 1) / order)
 
 
-def best_order(history: list[Step], delta: float) -> float:
-    """The filter order whose conversion gives the smallest epsilon for ``history``."""
-    curve = rdp_of(history)
+def best_order(history: Sequence[Entry], delta: float) -> float:
+    """The filter order whose conversion gives the smallest epsilon for the worst-off record of ``history``."""
+    curve = worst_record_rdp(history)
     return min(zip(FILTER_ORDERS, curve), key=lambda pair: epsilon_at(pair[1], pair[0], delta))[0]
 
 
 @dataclass
 class PrivacyLedger:
-    """Every private mechanism a site ran, its budget, and the filter order that prices the history."""
+    """Every private mechanism a site ran, the record groups each read, its budget, and the filter order."""
 
     target_epsilon: float
     delta: float
     history: list[Step] = field(default_factory=list)
     filter_order: float | None = None  # fixed at the site's first calibration, then never changed
+    reads: list[RecordGroups | None] = field(default_factory=list)  # per history entry; None: every record
 
     def __post_init__(self) -> None:
         validate_budget(self.target_epsilon, self.delta, "rdp")
         self.history = [(float(s), float(q), int(n)) for s, q, n in self.history]
         for entry in self.history:
             _validate_step(*entry)
+        if not self.reads:
+            self.reads = [None] * len(self.history)
+        if len(self.reads) != len(self.history):
+            raise LedgerError(f"{len(self.reads)} record-group lists for {len(self.history)} ledger entries")
         if self.filter_order is not None and float(self.filter_order) not in FILTER_ORDERS:
             raise LedgerError(f"filter order {self.filter_order!r} is not one of {FILTER_ORDERS}")
 
@@ -295,6 +351,10 @@ class PrivacyLedger:
         """All steps recorded so far (monotone over the site's life: the sentinel checks it)."""
         return sum(n for _, _, n in self.history)
 
+    def entries(self) -> list[Entry]:
+        """The history with each entry's record groups: ``(noise_multiplier, sample_rate, steps, groups)``."""
+        return [(*step, groups) for step, groups in zip(self.history, self.reads)]
+
     def commit_order(self, order: float) -> None:
         """Fix the filter order (only once: a committed order never changes)."""
         if self.filter_order is None:
@@ -302,41 +362,51 @@ class PrivacyLedger:
                 raise ValueError(f"filter order {order!r}: use one of {FILTER_ORDERS}")
             self.filter_order = float(order)
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        """Add ``steps`` steps taken at (``noise_multiplier``, ``sample_rate``); zero steps record nothing.
+    def record(
+        self, noise_multiplier: float, sample_rate: float, steps: int, reads: RecordGroups | None = None
+    ) -> None:
+        """Add ``steps`` steps taken at (``noise_multiplier``, ``sample_rate``) on ``reads`` (None: every record).
 
-        Consecutive entries with the same settings merge, as in Opacus' own accountants.
+        Zero steps record nothing. Consecutive entries with the same settings
+        and groups merge, as in Opacus' own accountants.
         """
         _validate_step(noise_multiplier, sample_rate, steps)
-        self.history = _extended(self.history, noise_multiplier, sample_rate, steps)
+        if steps == 0:
+            return
+        step = (float(noise_multiplier), float(sample_rate))
+        if self.history and self.history[-1][:2] == step and self.reads[-1] == reads:
+            self.history[-1] = (*step, self.history[-1][2] + int(steps))
+            return
+        self.history.append((*step, int(steps)))
+        self.reads.append(reads)
 
-    def epsilon_of(self, history: list[Step]) -> float:
-        """The filter's epsilon for ``history``: its RDP at the filter order, converted at ``delta``.
+    def epsilon_of(self, entries: Sequence[Entry]) -> float:
+        """The filter's epsilon for the worst-off record of ``entries``: its RDP at the filter order, converted.
 
-        Before the order is committed, the best order for ``history``.
+        Before the order is committed, the best order for ``entries``.
         """
-        entries = [entry for entry in history if entry[2] > 0]
+        entries = [entry for entry in entries if split_entry(entry)[0][2] > 0]
         if not entries:
             return 0.0
         order = self.filter_order if self.filter_order is not None else best_order(entries, self.delta)
-        return epsilon_at(rdp_of(entries)[FILTER_ORDERS.index(order)], order, self.delta)
+        return epsilon_at(worst_record_rdp(entries)[FILTER_ORDERS.index(order)], order, self.delta)
 
     def divergence(self, order: float) -> float:
-        """The history's Renyi divergence at ``order`` (one of FILTER_ORDERS): the sum the filter bounds."""
+        """Every entry's Renyi divergence at ``order`` summed in sequence (the sentinel's figure: it only grows)."""
         return rdp_of(self.history)[FILTER_ORDERS.index(float(order))]
 
     def epsilon(self) -> float:
-        """Epsilon guaranteed so far (the filter's conversion of the whole history)."""
-        return self.epsilon_of(self.history)
+        """Epsilon guaranteed so far to every record (the filter's conversion for the worst-off one)."""
+        return self.epsilon_of(self.entries())
 
-    def epsilon_if(self, entries: list[Step]) -> float:
-        """Epsilon after the extra ``entries`` (mechanisms not yet run)."""
+    def epsilon_if(self, entries: Sequence[Entry]) -> float:
+        """Epsilon after the extra ``entries`` (mechanisms not yet run; 3-tuples read every record)."""
         for entry in entries:
-            _validate_step(*entry)
-        return self.epsilon_of([*self.history, *entries])
+            _validate_step(*split_entry(entry)[0])
+        return self.epsilon_of([*self.entries(), *entries])
 
-    def can_afford(self, entries: list[Step]) -> bool:
-        """The filter's stop: True only if the history plus ``entries`` stays within ``target_epsilon``."""
+    def can_afford(self, entries: Sequence[Entry]) -> bool:
+        """The filter's stop: True only if every record's history plus ``entries`` stays within ``target_epsilon``."""
         return self.epsilon_if(entries) <= self.target_epsilon
 
     # --- persistence -------------------------------------------------------
@@ -345,7 +415,10 @@ class PrivacyLedger:
         return {
             "accountant": {
                 "mechanism": FILTER_MECHANISM,
-                "history": [list(entry) for entry in self.history],
+                "history": [
+                    list(step) if groups is None else [*step, *groups.to_json()]
+                    for step, groups in zip(self.history, self.reads)
+                ],
                 "filter_order": self.filter_order,
             },
             "delta": self.delta,
@@ -401,23 +474,25 @@ def _parse(raw: bytes, source: Path) -> PrivacyLedger:
         raise LedgerError(f"privacy ledger {source} is corrupt or truncated ({err}); {restore}") from err
     if not isinstance(document, dict) or document.get("format") != LEDGER_FORMAT:
         raise LedgerError(f"{source} is not a fedcl privacy ledger; point the site at its own state directory")
-    if document.get("version") not in (1, LEDGER_VERSION):
+    if document.get("version") not in READABLE_VERSIONS:
         raise LedgerError(
-            f"privacy ledger {source} has version {document.get('version')!r}, this fedcl reads versions 1 and "
-            f"{LEDGER_VERSION}; run the fedcl release that wrote it"
+            f"privacy ledger {source} has version {document.get('version')!r}, this fedcl reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; run the fedcl release that wrote it"
         )
     payload = document.get("payload")
     if not isinstance(payload, dict) or document.get("sha256") != _digest(payload):
         raise LedgerError(f"privacy ledger {source} fails its checksum (edited or damaged); {restore}")
     try:
         counter = payload["accountant"]
-        history = [(float(s), float(q), int(n)) for s, q, n in counter["history"]]
+        history = [(float(e[0]), float(e[1]), int(e[2])) for e in counter["history"]]
+        reads = [None if len(e) == 3 else RecordGroups.of(e[3], e[4]) for e in counter["history"]]
         order = counter.get("filter_order")
         return PrivacyLedger(
             target_epsilon=float(payload["target_epsilon"]),
             delta=float(payload["delta"]),
             history=history,
             filter_order=None if order is None else float(order),
+            reads=reads,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise LedgerError(f"privacy ledger {source} has an invalid payload ({err}); {restore}") from err

@@ -31,14 +31,15 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from client.mechanisms import SgdMechanism, Step
-from client.privacy_ledger import BudgetError, LedgerError, PrivacyLedger, best_order
+from client.mechanisms import RecordGroups, SgdMechanism
+from client.privacy_ledger import BudgetError, Entry, LedgerError, PrivacyLedger, best_order
 from client.site_policy import SitePolicy
 from client.site_state import SiteState
 from fedcl.atomic_files import write_json_atomic
 
 MAX_SIGMA = 1e4  # past this no noise level trains anything: the plan does not fit
-Segment = tuple[float, int]  # (sample_rate, steps) at the noise being chosen; client/site_round.py plans in these
+# (sample_rate, steps, record groups read) at the noise being chosen; client/site_round.py plans in these
+Segment = tuple[float, int, RecordGroups | None]
 
 
 class SiteBusyError(ValueError):
@@ -53,8 +54,12 @@ class SiteBudget:
     policy: SitePolicy
     ledger: PrivacyLedger | None
 
-    def noise_multiplier(self, plan: Sequence[Segment], fixed: Sequence[Step] = (), proposed: float = 0.0) -> float:
+    def noise_multiplier(self, plan: Sequence[Segment], fixed: Sequence[Entry] = (), proposed: float = 0.0) -> float:
         """The noise multiplier for the site's remaining plan: ``plan`` at that sigma plus ``fixed`` entries.
+
+        Each segment and entry names the record groups it reads, so the plan
+        is priced per record (parallel composition over disjoint groups,
+        ``client/privacy_ledger.py``).
 
         ``proposed > 0`` (run config ``noise-multiplier``) is taken as it is;
         the filter still stops the site at its target. Otherwise the sigma
@@ -66,12 +71,12 @@ class SiteBudget:
         """
         ledger = self._ledger()
         fixed = list(fixed)
-        segments = [(float(q), int(n)) for q, n in plan if n > 0]
+        segments = [(float(q), int(n), groups) for q, n, groups in plan if n > 0]
         if not segments:
             raise ValueError("the site's remaining plan has no steps; give the run at least one round with steps")
 
-        def entries(sigma: float) -> list[Step]:
-            return [*fixed, *((sigma, q, n) for q, n in segments)]
+        def entries(sigma: float) -> list[Entry]:
+            return [*fixed, *((sigma, q, n, groups) for q, n, groups in segments)]
 
         if proposed > 0:
             sigma = float(proposed)
@@ -80,7 +85,7 @@ class SiteBudget:
             if committed and ledger.filter_order is not None and ledger.can_afford(entries(committed)):
                 return committed
             sigma = _smallest_fitting(ledger, entries)
-        ledger.commit_order(best_order([*ledger.history, *entries(sigma)], ledger.delta))
+        ledger.commit_order(best_order([*ledger.entries(), *entries(sigma)], ledger.delta))
         if proposed <= 0:
             write_json_atomic(self.state.noise_hint, {"noise_multiplier": sigma})
         return sigma
@@ -95,11 +100,11 @@ class SiteBudget:
             return True
         if self.ledger.filter_order is None:
             raise ValueError("the filter order is not fixed yet; choose the noise (noise_multiplier) before pricing")
-        return self.ledger.can_afford([m.ledger_entry for m in mechanisms])
+        return self.ledger.can_afford([m.priced_entry for m in mechanisms])
 
     def epsilon_if(self, mechanisms: Sequence[SgdMechanism]) -> float:
         """Epsilon after these mechanisms (0 without DP)."""
-        return 0.0 if self.ledger is None else self.ledger.epsilon_if([m.ledger_entry for m in mechanisms])
+        return 0.0 if self.ledger is None else self.ledger.epsilon_if([m.priced_entry for m in mechanisms])
 
     def record(self, mechanism: SgdMechanism) -> None:
         """Record a mechanism that ran, save the ledger atomically, then the sentinel; nothing without DP."""
@@ -107,9 +112,9 @@ class SiteBudget:
             return
         if not mechanism.private:
             raise ValueError("a site under DP ran a mechanism without noise; every release must be a priced mechanism")
-        if not self.ledger.can_afford([mechanism.ledger_entry]):  # the caller checked; never record past the target
+        if not self.ledger.can_afford([mechanism.priced_entry]):  # the caller checked; never record past the target
             raise BudgetError("the mechanism was not priced before it ran; this is a bug in the site round")
-        self.ledger.record(*mechanism.ledger_entry)
+        self.ledger.record(*mechanism.priced_entry)
         self.ledger.save(self.state.ledger)
         order = self.ledger.filter_order
         write_json_atomic(
@@ -148,7 +153,7 @@ class SiteBudget:
             return 0.0  # a damaged hint only costs a new calibration; the ledger is what guards the budget
 
 
-def _smallest_fitting(ledger: PrivacyLedger, entries: Callable[[float], list[Step]]) -> float:
+def _smallest_fitting(ledger: PrivacyLedger, entries: Callable[[float], list[Entry]]) -> float:
     """Bisection (in log sigma) for the smallest sigma whose entries the filter lets through."""
 
     def fits(sigma: float) -> bool:  # before the order is committed, the ledger prices at the best order

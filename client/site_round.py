@@ -47,9 +47,9 @@ from client.continual import (
     stream_context,
 )
 from client.ewc import EwcState, anchor_arrays
-from client.mechanisms import UNBOUNDED_CLIP, SgdMechanism, Step, sgd_mechanism
+from client.mechanisms import UNBOUNDED_CLIP, RecordGroups, SgdMechanism, sgd_mechanism
 from client.phases import run_class_sums, run_importance, run_lora, run_probe
-from client.privacy_ledger import BudgetError
+from client.privacy_ledger import BudgetError, Entry
 from client.replay_buffer import training_pool
 from client.secure_noise import NoiseSource
 from client.site_budget import Segment, SiteBudget, open_budget
@@ -103,18 +103,32 @@ class SitePlan:
         """Expected pool of ``experience``: its records plus the expected buffer of the ones before it."""
         return self.experience_size() * (1 + self.replay_probability * experience)
 
+    def groups_read(self, experience: int, replay: bool) -> RecordGroups | None:
+        """The record groups a mechanism of ``experience`` reads (public: the plan's members), None for every record.
+
+        The experience's own cells; with ``replay``, those of every earlier
+        experience too (the buffer may hold any of their records). A joint
+        run reads every record.
+        """
+        if self.context.schedule.joint:
+            return None
+        plan = self.context.plan
+        first = 0 if replay else experience
+        return RecordGroups.of(plan.unit, (name for e in range(first, experience + 1) for name in plan.members[e]))
+
     def phase_mechanism(self, phase: str, experience: int, sigma: float, clip: float) -> SgdMechanism:
         """The mechanism of one round of ``phase`` in ``experience``."""
         config = self.runtime.config
-        if phase == NCM:  # one Gaussian release, sensitivity 1
-            return SgdMechanism(sigma, 1.0, 1, 1.0, 1.0)
+        if phase == NCM:  # one Gaussian release, sensitivity 1, of the experience's own records
+            return SgdMechanism(sigma, 1.0, 1, 1.0, 1.0, self.groups_read(experience, replay=False))
         batch, steps = (
             (config.probe_batch_size, config.probe_steps) if phase == PROBE else (config.batch_size, config.local_steps)
         )
-        return sgd_mechanism(sigma, batch, self.pool_size(experience), steps, clip)
+        reads = self.groups_read(experience, replay=self.replay_probability > 0)
+        return sgd_mechanism(sigma, batch, self.pool_size(experience), steps, clip, reads)
 
-    def importance_mechanism(self, sigma: float, clip: float) -> SgdMechanism:
-        """The EWC importance estimate on one experience's records."""
+    def importance_mechanism(self, experience: int, sigma: float, clip: float) -> SgdMechanism:
+        """The EWC importance estimate on the records of ``experience`` (the one just finished)."""
         config = self.runtime.config
         batch = config.batch_size if self.context.schedule.lora_rounds else config.probe_batch_size
         fixed = config.ewc_importance_noise
@@ -124,37 +138,44 @@ class SitePlan:
             self.experience_size(),
             config.ewc_importance_batches,
             clip,
+            self.groups_read(experience, replay=False),
         )
 
-    def remaining(self, experience: int, within: int, importance_now: bool) -> tuple[list[Segment], list[Step]]:
-        """What the site still plans from this round on: segments at the sigma being chosen, fixed-noise steps."""
+    def remaining(self, experience: int, within: int, importance_now: bool) -> tuple[list[Segment], list[Entry]]:
+        """What the site still plans from this round on: segments at the sigma being chosen, fixed-noise entries.
+
+        Each names the record groups it reads, so the budget prices the plan per record.
+        """
         config, schedule = self.runtime.config, self.context.schedule
         segments: list[Segment] = []
-        fixed: list[Step] = []
+        fixed: list[Entry] = []
 
-        def importance() -> None:
+        def importance(finished: int) -> None:
             if config.ewc_lambda > 0:
-                mechanism = self.importance_mechanism(1.0, 1.0)
+                mechanism = self.importance_mechanism(finished, 1.0, 1.0)
                 if config.ewc_importance_noise > 0:
-                    fixed.append((config.ewc_importance_noise, mechanism.sample_rate, mechanism.steps))
+                    fixed.append((config.ewc_importance_noise, mechanism.sample_rate, mechanism.steps, mechanism.reads))
                 else:
-                    segments.append((mechanism.sample_rate, mechanism.steps))
+                    segments.append((mechanism.sample_rate, mechanism.steps, mechanism.reads))
 
         def slot(e: int, probe_rounds: int, lora_rounds: int) -> None:
             if schedule.ncm:
-                segments.append((1.0, 1))
+                segments.append((1.0, 1, self.phase_mechanism(NCM, e, 1.0, 1.0).reads))
                 return
             probe = self.phase_mechanism(PROBE, e, 1.0, 1.0)
             lora = self.phase_mechanism(LORA, e, 1.0, 1.0)
             segments.extend(
-                [(probe.sample_rate, probe_rounds * probe.steps), (lora.sample_rate, lora_rounds * lora.steps)]
+                [
+                    (probe.sample_rate, probe_rounds * probe.steps, probe.reads),
+                    (lora.sample_rate, lora_rounds * lora.steps, lora.reads),
+                ]
             )
 
         if importance_now:
-            importance()
+            importance(experience - 1)
         slot(experience, *schedule.rounds_left_in_slot(within))
         for later in range(experience + 1, self.experiences):
-            importance()
+            importance(later - 1)
             slot(later, schedule.probe_rounds, schedule.lora_rounds)
         return _merged(segments), fixed
 
@@ -260,7 +281,7 @@ def _run(
     else:
         sigma = 0.0
     main = plan.phase_mechanism(phase, experience, sigma, clip)
-    importance = plan.importance_mechanism(sigma, clip) if pending is not None else None
+    importance = plan.importance_mechanism(pending, sigma, clip) if pending is not None else None
     mechanisms = [m for m in (importance, main) if m is not None]
     if not budget.can_afford(mechanisms):
         spent = budget.facts().get("epsilon", 0.0)
@@ -351,9 +372,9 @@ def _settings(mechanism: SgdMechanism) -> dict[str, float]:
 
 
 def _merged(segments: list[Segment]) -> list[Segment]:
-    """One segment per sample rate, zero-step ones dropped (composition does not depend on the order)."""
-    steps: dict[float, int] = {}
-    for rate, count in segments:
+    """One segment per (sample rate, record groups), zero-step ones dropped (composition ignores the order)."""
+    steps: dict[tuple, int] = {}
+    for rate, count, groups in segments:
         if count > 0:
-            steps[rate] = steps.get(rate, 0) + count
-    return list(steps.items())
+            steps[(rate, groups)] = steps.get((rate, groups), 0) + count
+    return [(rate, count, groups) for (rate, groups), count in steps.items()]
