@@ -93,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
         runtime, policy, state, round_config = _prepare(msg, context)
     except ConfigError as err:  # SiteDataError included
         return _refusal(msg, context, err)
-    ncm = runtime.config.recipe == "ncm"
+    ncm = runtime.config.chosen_recipe == "ncm"
     received = {} if ncm else received_arrays(msg, runtime)
     if not ncm:
         install_global(runtime, received)  # decoded; FFA: A from the seeded state
@@ -126,7 +126,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         return _refusal(msg, context, err)
     server_round = int(round_config.get(SERVER_ROUND, 1))
     try:
-        if runtime.config.recipe == "ncm":
+        if runtime.config.chosen_recipe == "ncm":
             received = msg.content.array_records.get(ARRAYS_RECORD, ArrayRecord())
             sums = to_numpy(received).get(SUMS) if len(received) else None
             metrics = evaluate_class_sums(runtime, sums, server_round)

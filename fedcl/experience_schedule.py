@@ -58,7 +58,7 @@ class ExperienceSchedule:
         if num_experiences < 1:
             raise ValueError(f"num_experiences = {num_experiences}: a stream has at least one experience")
         scale = num_experiences if config.joint else 1
-        ncm = config.recipe == NCM
+        ncm = config.chosen_recipe == NCM
         return cls(
             num_experiences,
             0 if ncm else config.probe_phase_rounds * scale,

@@ -21,7 +21,7 @@ COMPRESSIONS = ("none", "fp16", "int8")
 ATTACKS = ("none", "scale", "sign-flip")
 ACCOUNTANTS = ("rdp",)  # the site's hard stop is an RDP filter (client/privacy_ledger.py)
 POOLINGS = ("mean", "model")
-RECIPES = ("probe-then-lora", "lora", "ncm")
+RECIPES = ("auto", "probe-then-lora", "lora", "ncm")  # auto: fedcl/recipe_choice.py
 STREAMS = ("none", "class-incremental", "domain-incremental")  # simulations/streams.py builds them
 STREAM_UNITS = ("label", "group")
 REPLAY_POLICIES = ("bernoulli",)  # client/replay_buffer.py: each record kept by its own keyed draw
@@ -102,7 +102,7 @@ class RunConfig:
     max_grad_norm: float = 1.0  # per-example clipping bound C
     accountant: str = "rdp"  # the RDP filter of the site's ledger (prv cannot back an adaptive stop)
     # --- recipe: a private linear probe on cached features, then private LoRA
-    recipe: str = "probe-then-lora"  # or "lora": LoRA + head from the first round (the plain recipe)
+    recipe: str = "auto"  # from public facts (fedcl/recipe_choice.py); probe-then-lora, lora (plain) or ncm
     probe_rounds: int = 20  # rounds that train only the head on cached features
     probe_steps: int = 40  # DP-SGD steps per site per probe round (each costs milliseconds)
     probe_batch_size: int = 128  # expected Poisson batch of the probe (larger batches: less noise per signal)
@@ -182,7 +182,7 @@ class RunConfig:
         if self.recipe not in RECIPES:
             _fail("recipe", self.recipe, f"use one of {', '.join(RECIPES)}")
         _non_negative_int("probe-rounds", self.probe_rounds)
-        if self.recipe != "ncm" and self.total_rounds < 1:
+        if self.chosen_recipe != "ncm" and self.total_rounds < 1:
             _fail(
                 "num-rounds",
                 self.num_rounds,
@@ -233,7 +233,14 @@ class RunConfig:
     @property
     def probe_phase_rounds(self) -> int:
         """Rounds of the linear-probe phase (0 for the plain recipe)."""
-        return self.probe_rounds if self.recipe == "probe-then-lora" else 0
+        return self.probe_rounds if self.chosen_recipe == "probe-then-lora" else 0
+
+    @property
+    def chosen_recipe(self) -> str:
+        """The recipe this run trains: ``recipe``, or for ``auto`` the choice from public facts."""
+        from fedcl.recipe_choice import choose_recipe
+
+        return choose_recipe(self).recipe
 
     @property
     def total_rounds(self) -> int:
@@ -243,7 +250,7 @@ class RunConfig:
     @property
     def continual(self) -> bool:
         """True when rounds follow the experience schedule (a stream, or the nearest-class-mean recipe)."""
-        return self.stream != "none" or self.recipe == "ncm"
+        return self.stream != "none" or self.chosen_recipe == "ncm"
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -379,7 +386,7 @@ def _check_continual(config: RunConfig) -> None:
                     "needs a stream of experiences: set stream = class-incremental or "
                     f"domain-incremental, or {key} = {str(off).lower() if isinstance(off, bool) else repr(off)}",
                 )
-    if config.recipe == "ncm":
+    if config.chosen_recipe == "ncm":
         for key, value in (
             ("replay-size", config.replay_size),
             ("ewc-lambda", config.ewc_lambda),

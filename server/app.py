@@ -28,6 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedcl.protocol import to_record
+from fedcl.recipe_choice import choose_recipe
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 from server.adapter_export import export_adapter
 from server.checkpoint import Checkpoint, open_resume, save_checkpoint, training_config
@@ -105,6 +106,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         restore_server(checkpoint, strategy, guard, watch, continual)
         log(INFO, "fedcl: resuming %s at round %d of %d", run_dir, checkpoint.round + 1, total_rounds)
     log(INFO, "fedcl: run directory %s", run_dir)
+    choice = choose_recipe(config)
+    log(INFO, "fedcl: recipe %s (%s)", choice.recipe, choice.reason)
     started = {"round": time.time()}
 
     def on_round_end(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
@@ -181,7 +184,7 @@ def write_summary(
 ) -> dict[str, Any]:
     """Export the global adapter (a run that did not fail only) and write summary.json; returns the summary."""
     base_bytes = None
-    if failure is None and strategy.current and config.recipe != "ncm":  # ncm's global state: class sums
+    if failure is None and strategy.current and config.chosen_recipe != "ncm":  # ncm's global state: class sums
         base_bytes = export_adapter(report.run_dir / "adapter", config, strategy.current, config.label_names)
     return report.summary(
         base_bytes,

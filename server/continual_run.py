@@ -74,7 +74,7 @@ class ContinualRun:
 
     def strategy(self, default: SiteStrategy) -> SiteStrategy:
         """The run's strategy: ``default``, except the class-sum adder for the nearest-class-mean recipe."""
-        if self.config.recipe != "ncm":
+        if self.config.chosen_recipe != "ncm":
             return default
         return build_strategy(self.config, self.round_config, aggregator=ClassSumAggregator())
 

@@ -43,7 +43,7 @@ MEDQUAD_GROUPS = (
     "inheritance,genetic changes,exams and tests,considerations,prevention,support groups"
 )
 COMMON = (
-    "target-epsilon=8.0 accountant='rdp' num-rounds=0 probe-rounds=2 probe-steps=30 probe-batch-size=64 "
+    "target-epsilon=8.0 accountant='rdp' recipe='probe-then-lora' num-rounds=0 probe-rounds=2 probe-steps=30 probe-batch-size=64 "
     "probe-learning-rate=0.5"
 )
 SCENARIOS: dict[str, dict[str, Any]] = {

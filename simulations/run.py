@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedcl.model_factory import resolve_model_path
+from fedcl.recipe_choice import choose_recipe
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 
 if TYPE_CHECKING:
@@ -304,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedcl: error: {err}", file=sys.stderr)
         return 2
     privacy = f"DP at epsilon {config.target_epsilon}" if config.dp else "no DP"
+    choice = choose_recipe(config)
+    rounds = (
+        "one class-sum release per experience"
+        if choice.recipe == "ncm"
+        else f"{config.total_rounds} rounds ({config.probe_phase_rounds} probe, {config.num_rounds} LoRA)"
+    )
     print(
-        f"fedcl: {config.num_sites} sites, {config.total_rounds} rounds ({config.probe_phase_rounds} probe, "
-        f"{config.num_rounds} LoRA), {privacy}, dataset {config.dataset}, "
-        f"run directory {config.output_dir}",
+        f"fedcl: {config.num_sites} sites, recipe {choice.recipe} ({choice.reason}), {rounds}, {privacy}, "
+        f"dataset {config.dataset}, run directory {config.output_dir}",
         flush=True,
     )
     try:
