@@ -43,7 +43,7 @@ MEDQUAD_GROUPS = (
     "inheritance,genetic changes,exams and tests,considerations,prevention,support groups"
 )
 COMMON = (
-    "target-epsilon=8.0 accountant='rdp' recipe='probe-then-lora' num-rounds=0 probe-rounds=2 probe-steps=30 probe-batch-size=64 "
+    "target-epsilon=8.0 accountant='rdp' num-rounds=0 probe-rounds=2 probe-steps=30 probe-batch-size=64 "
     "probe-learning-rate=0.5"
 )
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -93,8 +93,14 @@ def recipes(scenario: dict[str, Any], with_lora: bool) -> dict[str, str]:
         "joint non-private": "joint=true dp=false",
         "ncm": "recipe='ncm'",
     }
+    trained = "recipe='probe-then-lora'"  # the recipes that train a head (auto would choose ncm on many labels)
+    table = {
+        name: overrides if name == "ncm" else f"{trained} {overrides}".strip() for name, overrides in table.items()
+    }
     if with_lora:
-        table["lora replay+ewc"] = f"{replay} {ewc} num-rounds=1 local-steps=5 batch-size=32 learning-rate=0.05"
+        table["lora replay+ewc"] = (
+            f"{trained} {replay} {ewc} num-rounds=1 local-steps=5 batch-size=32 learning-rate=0.05"
+        )
     return table
 
 
