@@ -100,6 +100,8 @@ def test_a_real_round_under_dp_with_ewc_passes_the_penalty(tiny_model_dir, tmp_p
 
 def test_ledger_counts_replayed_records_and_exactly_the_importance_steps(tiny_model_dir, tmp_path):
     """Same schedule and noise, EWC on vs off: the histories differ by the importance batches and nothing else."""
+    from client.continual import stream_context
+
     ledgers, nominal = {}, 0
     for lam in (0.0, 10.0):
         flat = flat_config(
@@ -118,6 +120,13 @@ def test_ledger_counts_replayed_records_and_exactly_the_importance_steps(tiny_mo
     # probe-only run: the head's importances at the probe batch on experience 0 (the same rate as its probe round,
     # so the ledger merges the two entries)
     assert ledgers[10.0].history == [(3.0, 8 / experience, 3 + 4), ledgers[0.0].history[1]]
+    # the record groups each entry read: experience 0's labels, then (replay) experience 1's and the buffer's
+    context = stream_context(runtime)
+    names = runtime.data.label_names
+    first = {names[i] for i in context.labels[0]}
+    both = first | {names[i] for i in context.labels[1]}
+    assert [set(g.cells) for g in ledgers[0.0].reads] == [first, both]
+    assert [set(g.cells) for g in ledgers[10.0].reads] == [first, both]  # the importances read experience 0 only
     order = ledgers[10.0].filter_order
     assert ledgers[10.0].epsilon() > ledgers[0.0].epsilon()
     assert compute_epsilon(ledgers[10.0].history, 1e-5, "rdp") <= ledgers[10.0].epsilon() <= 8.0
