@@ -44,7 +44,6 @@ from fedcl.protocol import (
     to_record,
 )
 from fedcl.run_config import ConfigError
-from strategies.ncm_aggregator import SUMS  # the one array of a class-sum release and of the global state
 
 app = ClientApp()
 INTERNAL_ERROR = "internal error at the site; its operator has the details in the site's log"
@@ -112,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if result.status == "trained":
-        arrays = {SUMS: result.release} if result.release is not None else reply_arrays(runtime, received)
+        arrays = result.release if result.release is not None else reply_arrays(runtime, received)
         content[ARRAYS_RECORD] = to_record(arrays)
     return Message(content=content, reply_to=msg)
 
@@ -128,8 +127,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     try:
         if runtime.config.chosen_recipe == "ncm":
             received = msg.content.array_records.get(ARRAYS_RECORD, ArrayRecord())
-            sums = to_numpy(received).get(SUMS) if len(received) else None
-            metrics = evaluate_class_sums(runtime, sums, server_round)
+            metrics = evaluate_class_sums(runtime, to_numpy(received) if len(received) else {}, server_round)
         else:
             install_global(runtime, received_arrays(msg, runtime))
             metrics = evaluate_adapter(runtime, server_round)

@@ -69,14 +69,20 @@ def experience_counts(runtime: SiteRuntime, predictions: np.ndarray, server_roun
     return metrics
 
 
-def evaluate_class_sums(runtime: SiteRuntime, sums: np.ndarray | None, server_round: int) -> dict[str, Any]:
-    """Cosine nearest-class-mean on the test split with the federated class sums received."""
-    from strategies.ncm_sums import predict_nearest_class
+def evaluate_class_sums(runtime: SiteRuntime, release: dict[str, np.ndarray], server_round: int) -> dict[str, Any]:
+    """The noise-aware nearest-class-mean rule on the test split with the federated release received.
+
+    ``release``: the global state of the ``ncm`` recipe (summed class sums and
+    noise variances, ``strategies/ncm_aggregator.py``); empty before any release.
+    """
+    from fedcl.protocol import CLASS_SUMS, NOISE_VARIANCE
+    from strategies.ncm_sums import predict_from_release
 
     labels = runtime.data.test.labels.cpu().numpy()
+    sums = release.get(CLASS_SUMS)
     released = [] if sums is None else np.flatnonzero(np.abs(sums).sum(axis=1) > 0)
     if len(released):
-        predictions = predict_nearest_class(frozen_features(runtime, "test"), sums, released)
+        predictions = predict_from_release(frozen_features(runtime, "test"), sums, release[NOISE_VARIANCE], released)
     else:
         predictions = np.full(len(labels), -1)
     return {

@@ -34,6 +34,8 @@ from client.mechanisms import SgdMechanism
 from client.nearest_class_mean import class_feature_sums, mean_pooled_features, release_class_sums
 from client.secure_noise import NoiseSource
 from client.site_runtime import SiteRuntime
+from fedcl.protocol import CLASS_SUMS, NOISE_VARIANCE
+from strategies.ncm_sums import with_count_coordinate
 
 MOMENTUM = 0.9  # SGD with momentum after the noise: every private phase, and the probe with or without DP
 
@@ -193,12 +195,19 @@ def run_importance(
 
 def run_class_sums(
     runtime: SiteRuntime, positions: np.ndarray, classes: np.ndarray, mechanism: SgdMechanism, noise: NoiseSource
-) -> np.ndarray:
-    """One Gaussian release of the class sums of ``positions`` (sensitivity 1) on the rows ``classes``."""
+) -> dict[str, np.ndarray]:
+    """One Gaussian release (sensitivity 1) of the class sums of ``positions``' rows ``[a x, b]`` on rows ``classes``.
+
+    Returns the reply's arrays: the noisy sums and, per class, the noise
+    variance added (``sigma^2`` on the released rows: public, from the mechanism).
+    """
     rows = np.asarray(positions, dtype=np.int64)  # an empty experience indexes to a (0, dim) block
     features, labels = frozen_features(runtime, "train")[rows], runtime.data.train.labels.cpu().numpy()[rows]
-    sums = class_feature_sums(features, labels, len(runtime.data.label_names))
-    return release_class_sums(sums, classes, mechanism.noise_multiplier, noise).sums
+    sums = class_feature_sums(with_count_coordinate(features), labels, len(runtime.data.label_names))
+    release = release_class_sums(sums, classes, mechanism.noise_multiplier, noise)
+    variance = np.zeros(len(sums))
+    variance[list(release.classes)] = mechanism.noise_multiplier**2
+    return {CLASS_SUMS: release.sums, NOISE_VARIANCE: variance}
 
 
 def _rows_of(head: torch.nn.Linear, rows: np.ndarray) -> torch.nn.Linear:

@@ -68,7 +68,7 @@ class RoundResult:
     status: str  # "trained", "skipped" or "refused"
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
-    release: np.ndarray | None = None  # a class-sum release (the nearest-class-mean recipe) instead of the adapter
+    release: dict[str, np.ndarray] | None = None  # a class-sum release (the ncm recipe) instead of the adapter
 
 
 @dataclass(frozen=True)

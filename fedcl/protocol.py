@@ -18,6 +18,8 @@ from flwr.app import Array, ArrayRecord
 SITE_RECORD = "site"  # ConfigRecord in every reply: site name, status, reason, label names
 ARRAYS_RECORD = "arrays"
 METRICS_RECORD = "metrics"
+CLASS_SUMS = "class-sums"  # ncm release: noisy class sums of rows [a x, b] (strategies/ncm_sums.py)
+NOISE_VARIANCE = "noise-variance"  # ncm release: per class, the noise variance added (sigma^2: public)
 CONFIG_RECORD = "config"
 
 # --- what the server sends with a round (everything else a site derives itself from the run config) ---

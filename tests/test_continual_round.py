@@ -245,6 +245,7 @@ def test_bad_stream_input_stops_in_preflight_with_the_fix(tiny_model_dir, tmp_pa
 
 def test_ncm_releases_cost_one_release_per_record_and_are_summed_by_the_server(tiny_model_dir, tmp_path):
     from client.continual import stream_context
+    from client.phases import frozen_features
     from strategies.aggregation import SiteUpdate
     from strategies.ncm_aggregator import ClassSumAggregator
 
@@ -255,11 +256,15 @@ def test_ncm_releases_cost_one_release_per_record_and_are_summed_by_the_server(t
     for slot in (0, 1):
         result = run_round(runtime, slot + 1, tmp_path)
         assert result.status == "trained" and set(result.metrics) <= DP_TRAIN_METRICS
-        released = np.flatnonzero(np.abs(result.release).sum(axis=1) > 0)
+        sums, variance = result.release["class-sums"], result.release["noise-variance"]
+        released = np.flatnonzero(np.abs(sums).sum(axis=1) > 0)
         assert set(released) == set(context.labels[slot].tolist())  # exactly the experience's classes, noised
-        total = ClassSumAggregator().aggregate(total, [SiteUpdate("site-0", {"class-sums": result.release}, 1)])
+        assert sums.shape[1] == frozen_features(runtime, "train").shape[1] + 1  # the features plus the count column
+        assert set(np.flatnonzero(variance)) == set(released)
+        total = ClassSumAggregator().aggregate(total, [SiteUpdate("site-0", result.release, 1)])
     ledger = PrivacyLedger.load(tmp_path / "privacy_ledger.json")
     sigma = ledger.history[0][0]
+    assert np.allclose(total["noise-variance"], sigma**2)  # every class released once, at the ledger's sigma
     assert ledger.history == [(sigma, 1.0, 1), (sigma, 1.0, 1)]  # two releases, each one Gaussian step at rate 1
     names = runtime.data.label_names
     assert [g.cells for g in ledger.reads] == [frozenset(names[i] for i in context.labels[e]) for e in (0, 1)]
