@@ -190,6 +190,7 @@ def write_summary(
         base_bytes,
         {
             "status": FAILED if failure else "completed",
+            "recipe": {"chosen": choose_recipe(config).recipe, "reason": choose_recipe(config).reason},
             "failure_reason": failure,
             "failed_rounds": list(guard.failed_rounds),
             "resumed_from_round": checkpoint.round if checkpoint else None,

@@ -117,7 +117,13 @@ def run_recipe(scenario: str, name: str, overrides: str, out_root: Path, repeat:
     keys = f"{COMMON} {SCENARIOS[scenario]['keys']} {overrides}".strip()
     folder = out_root / f"{scenario}-{name.replace(' ', '-').replace('+', '-')}{f'-r{repeat}' if repeat else ''}"
     shutil.rmtree(folder, ignore_errors=True)  # fresh site state: a kept ledger would carry its spent budget over
-    config = prepare_config(parse_overrides(f"{keys} output-dir='{folder}'"), Path.cwd())
+    merged = {  # a recipe's keys override the common ones
+        **parse_overrides(COMMON),
+        **parse_overrides(SCENARIOS[scenario]["keys"]),
+        **parse_overrides(overrides),
+        "output-dir": str(folder),
+    }
+    config = prepare_config(merged, Path.cwd())
     started = time.time()
     run_dir = run_simulation(config, quiet=True)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
