@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 from client.ewc import EwcState
 from client.head_features import head_module
 from client.local_training import Encoded
+from client.mechanisms import RecordGroups
 from client.replay_buffer import ReplayBuffer, record_ids
 from client.secure_noise import NoiseSource
 from client.site_runtime import SiteRuntime
@@ -84,6 +85,13 @@ def stream_context(runtime: SiteRuntime) -> StreamContext:
     return _CONTEXTS[key]
 
 
+def experience_groups(runtime: SiteRuntime, context: StreamContext, experiences: Iterable[int]) -> RecordGroups:
+    """The record groups (the plan's public cells) of ``experiences``: label names, or group values of the column."""
+    plan = context.plan
+    partition = "label" if plan.unit == "label" else runtime.data.stream_partition  # "group:<column>"
+    return RecordGroups.of(partition, (name for e in experiences for name in plan.members[e]))
+
+
 def absorb_finished(
     runtime: SiteRuntime, context: StreamContext, folder: Any, experience: int, inclusion_probability: float
 ) -> ReplayBuffer:
@@ -99,7 +107,7 @@ def absorb_finished(
         positions = context.train_positions(past)
         index = torch.as_tensor(positions, dtype=torch.long)
         ids = record_ids(train.inputs["input_ids"][index], train.labels[index])
-        changed |= buffer.update(positions, ids, past)
+        changed |= buffer.update(positions, ids, past, experience_groups(runtime, context, [past]))
     if changed:
         buffer.save(folder)
     return buffer

@@ -80,6 +80,11 @@ def evaluate_class_sums(runtime: SiteRuntime, release: dict[str, np.ndarray], se
 
     labels = runtime.data.test.labels.cpu().numpy()
     sums = release.get(CLASS_SUMS)
+    if sums is not None and NOISE_VARIANCE not in release:
+        raise ValueError(
+            "the global state is a nearest-class-mean release without its noise variances (written by fedcl before "
+            "the count column, issue 10): it cannot be continued; start a new run"
+        )
     released = [] if sums is None else np.flatnonzero(np.abs(sums).sum(axis=1) > 0)
     if len(released):
         predictions = predict_from_release(frozen_features(runtime, "test"), sums, release[NOISE_VARIANCE], released)

@@ -12,16 +12,16 @@ by a vector of norm at most 1 (rows are clipped to norm 1 before summing, a
 guard against rounding), so the L2 sensitivity of the whole release is 1 and
 noise std ``sigma`` is noise multiplier ``sigma``: the site round prices and
 records the mechanism ``SgdMechanism(sigma, 1.0, 1, 1.0, 1.0)`` per release
-(``client/site_round.py``), and the noise comes from the round's
-``NoiseSource`` (the OS CSPRNG under DP). Every row of the released
-classes gets noise, including classes the site has no record of (otherwise
-which classes a site holds would leak). Counts are NOT released: the direction
-of a class sum is that of the class mean, which is all the cosine rule needs,
-so counts would only spend budget. In a continual stream each record is
-released once, with its own experience; the releases of different
-experiences are on disjoint records (parallel composition: the guarantee per
-record is that of one release), but a ledger that only composes sequentially
-will count each release in full (safe, pessimistic).
+on the experience's record groups (``client/site_round.py``), and the noise
+comes from the round's ``NoiseSource`` (the OS CSPRNG under DP). Every row of
+the released classes gets noise, including classes the site has no record
+of (otherwise which classes a site holds would leak). The site round sums
+rows ``[a x, b]`` (``strategies.ncm_sums.with_count_coordinate``: norm 1, so
+the sensitivity stays 1), so a noisy count per class rides in the same
+release at no extra cost; the server's rule uses it as a class prior. In a
+continual stream each record is released once, with its own experience:
+the releases of different experiences are on disjoint records, and the
+ledger composes them in parallel (one release's epsilon per record).
 
 Calibration: the site's budget chooses sigma for all its remaining releases
 against its RDP filter (``client/site_budget.py``).

@@ -283,32 +283,42 @@ def rdp_of(history: Sequence[Entry]) -> list[float]:
     return total
 
 
-def worst_record_rdp(entries: Sequence[Entry]) -> list[float]:
-    """Renyi divergence of the worst-off record at every filter order (see "Record groups" above).
+EVERY_RECORD = "*"  # the key of the entries that read every record in :func:`group_rdp`
+GroupKey = tuple[str, str] | str  # (partition, cell), or EVERY_RECORD
 
-    ``universal`` (entries that read every record) plus, per partition, the
-    largest per-cell sum at each order.
+
+def group_rdp(entries: Sequence[Entry]) -> dict[GroupKey, np.ndarray]:
+    """Renyi divergence per record group at every filter order: ``(partition, cell)`` -> the sum of its entries.
+
+    The entries that read every record are summed under :data:`EVERY_RECORD`
+    (and not repeated in the cells).
     """
-    universal = np.zeros(len(FILTER_ORDERS))
-    cells: dict[str, dict[str, int]] = {}
-    per_cell: list[np.ndarray] = []
+    sums: dict[GroupKey, np.ndarray] = {EVERY_RECORD: np.zeros(len(FILTER_ORDERS))}
     for entry in entries:
         (sigma, rate, steps), groups = split_entry(entry)
         if steps <= 0:
             continue
         cost = steps * np.asarray(_rdp_per_step(sigma, rate))
-        if groups is None:
-            universal += cost
-            continue
-        index = cells.setdefault(groups.partition, {})
-        for cell in groups.cells:
-            if cell not in index:
-                index[cell] = len(per_cell)
-                per_cell.append(np.zeros(len(FILTER_ORDERS)))
-            per_cell[index[cell]] += cost
-    for index in cells.values():
-        universal += np.max(np.stack([per_cell[i] for i in index.values()]), axis=0)
-    return [float(v) for v in universal]
+        keys: list[GroupKey] = [EVERY_RECORD] if groups is None else [(groups.partition, cell) for cell in groups.cells]
+        for key in keys:
+            sums[key] = sums.get(key, 0.0) + cost
+    return sums
+
+
+def worst_record_rdp(entries: Sequence[Entry]) -> list[float]:
+    """Renyi divergence of the worst-off record at every filter order (see "Record groups" above).
+
+    The entries that read every record plus, per partition, the largest
+    per-cell sum at each order.
+    """
+    sums = group_rdp(entries)
+    total = sums.pop(EVERY_RECORD).copy()
+    worst: dict[str, np.ndarray] = {}
+    for (partition, _), value in sums.items():  # type: ignore[misc]
+        worst[partition] = np.maximum(worst.get(partition, 0.0), value)
+    for value in worst.values():
+        total += value
+    return [float(v) for v in total]
 
 
 def epsilon_at(rdp: float, order: float, delta: float) -> float:
@@ -395,6 +405,17 @@ class PrivacyLedger:
         """Every entry's Renyi divergence at ``order`` summed in sequence (the sentinel's figure: it only grows)."""
         return rdp_of(self.history)[FILTER_ORDERS.index(float(order))]
 
+    def group_divergences(self, order: float) -> dict[str, float]:
+        """Per record group, its entries' Renyi divergence at ``order`` (the sentinel's figures).
+
+        Keys: ``'["partition", "cell"]'`` (JSON), and :data:`EVERY_RECORD` for the entries that read every record.
+        """
+        index = FILTER_ORDERS.index(float(order))
+        return {
+            key if key == EVERY_RECORD else json.dumps(list(key)): float(value[index])
+            for key, value in group_rdp(self.entries()).items()
+        }
+
     def epsilon(self) -> float:
         """Epsilon guaranteed so far to every record (the filter's conversion for the worst-off one)."""
         return self.epsilon_of(self.entries())
@@ -460,6 +481,17 @@ class PrivacyLedger:
         return ledger
 
 
+def _groups_of(entry: list) -> RecordGroups | None:
+    """The record groups of a stored entry: none for ``[s, q, n]``, else ``[s, q, n, partition, [cells]]``."""
+    if len(entry) == 3:
+        return None
+    if len(entry) != 5 or not isinstance(entry[3], str) or not isinstance(entry[4], list):
+        raise ValueError(
+            f"entry {entry!r} is neither [noise, rate, steps] nor [noise, rate, steps, partition, [cells]]"
+        )
+    return RecordGroups.of(entry[3], entry[4])
+
+
 def _digest(payload: dict[str, Any]) -> str:
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -485,7 +517,7 @@ def _parse(raw: bytes, source: Path) -> PrivacyLedger:
     try:
         counter = payload["accountant"]
         history = [(float(e[0]), float(e[1]), int(e[2])) for e in counter["history"]]
-        reads = [None if len(e) == 3 else RecordGroups.of(e[3], e[4]) for e in counter["history"]]
+        reads = [_groups_of(e) for e in counter["history"]]
         order = counter.get("filter_order")
         return PrivacyLedger(
             target_epsilon=float(payload["target_epsilon"]),

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.mechanisms import RecordGroups
 from client.state_files import load_arrays, save_arrays, write_atomic
 from fedcl.run_config import ConfigError
 
@@ -66,7 +67,8 @@ BUFFER_FILE = "replay_buffer.safetensors"
 KEY_FILE = "replay.key"
 KEY_BYTES = 32  # 256-bit HMAC-SHA256 key: a brute-force search of the key space is out of reach
 _FORMAT = "fedcl-replay-buffer"
-_VERSION = 2  # 1 was the Avalanche reservoir / class-balanced buffer
+_VERSION = 3  # 3: records the record groups it holds; 2 (read: groups unknown); 1 was Avalanche's reservoir
+_READABLE = (2, _VERSION)
 _KEY_CHECK_LABEL = b"fedcl replay key check"
 
 
@@ -82,6 +84,9 @@ class ReplayBuffer:
     key: bytes = field(repr=False)  # the site's secret; never logged
     kept: set[int] = field(default_factory=set)
     experiences: list[int] = field(default_factory=list)  # experiences already absorbed, in order
+    # (partition, cell) of every record group it was offered (public: the plan's); None: unknown (a version-2
+    # buffer, or an offer without groups), i.e. it may hold any record. A replay round reads these groups too.
+    held: set[tuple[str, str]] | None = field(default_factory=set)
 
     def __post_init__(self) -> None:
         check_inclusion_probability(self.inclusion_probability)
@@ -95,13 +100,17 @@ class ReplayBuffer:
         """Sorted positions of the kept records (rows of the site's train split), int64."""
         return np.array(sorted(self.kept), dtype=np.int64)
 
-    def update(self, positions: np.ndarray, record_ids: Sequence[bytes], experience: int) -> bool:
+    def update(
+        self, positions: np.ndarray, record_ids: Sequence[bytes], experience: int, groups: RecordGroups | None = None
+    ) -> bool:
         """Offer one experience's training records; call once per experience, after its last round.
 
         ``positions`` are rows of the site's train split; ``record_ids[i]`` is
         the content id of the record at ``positions[i]`` (:func:`record_ids`).
         Each record is kept iff its HMAC value is below the inclusion
-        probability, whatever else is offered. An experience already absorbed
+        probability, whatever else is offered. ``groups``: the record groups
+        of the experience (the plan's public cells), remembered in
+        :attr:`held`; without them the buffer may hold any record. An experience already absorbed
         is ignored (returns False), so a retried round cannot offer its
         records twice. Returns True when the experience was absorbed.
         Raises ``ValueError`` for a negative or non-integer experience, a
@@ -111,6 +120,10 @@ class ReplayBuffer:
         _check_offer(positions, record_ids, experience)
         if int(experience) in self.experiences:
             return False
+        if groups is None or self.held is None:  # unknown groups: from now on the buffer may hold any record
+            self.held = None
+        else:
+            self.held.update((groups.partition, cell) for cell in groups.cells)
         for position, record_id in zip(positions.tolist(), record_ids):
             if _membership_value(self.key, bytes(record_id)) < self.inclusion_probability:
                 self.kept.add(int(position))
@@ -125,6 +138,7 @@ class ReplayBuffer:
             "version": _VERSION,
             "inclusion_probability": self.inclusion_probability,
             "key_check": _key_check(self.key),
+            "held": None if self.held is None else sorted([list(pair) for pair in self.held]),
         }
         path = Path(state_dir) / BUFFER_FILE
         save_arrays(path, arrays, {"fedcl": json.dumps(meta)})
@@ -149,10 +163,10 @@ class ReplayBuffer:
             meta = json.loads(raw.get("fedcl", "{}"))
         except json.JSONDecodeError:
             meta = {}
-        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        if meta.get("format") != _FORMAT or meta.get("version") not in _READABLE:
             raise ValueError(
-                f"{path} is not a fedcl replay buffer of version {_VERSION} (Bernoulli membership); "
-                "delete it to start the buffer afresh"
+                f"{path} is not a fedcl replay buffer of version {', '.join(map(str, _READABLE))} (Bernoulli "
+                "membership); delete it to start the buffer afresh"
             )
         if meta["inclusion_probability"] != inclusion_probability:
             raise ValueError(
@@ -170,7 +184,31 @@ class ReplayBuffer:
             key,
             {int(p) for p in arrays["positions"]},
             [int(e) for e in arrays["experiences"]],
+            _held_of(meta),
         )
+
+
+def held_groups(state_dir: str | os.PathLike[str]) -> frozenset[tuple[str, str]] | None:
+    """The record groups the buffer saved in ``state_dir`` may hold: empty without a buffer, None when unknown.
+
+    Reads the file's metadata only (no key needed).
+    """
+    path = Path(state_dir) / BUFFER_FILE
+    if not path.exists():
+        return frozenset()
+    _, raw = load_arrays(path)
+    try:
+        meta = json.loads(raw.get("fedcl", "{}"))
+    except json.JSONDecodeError:
+        return None
+    held = _held_of(meta)
+    return None if held is None else frozenset(held)
+
+
+def _held_of(meta: dict) -> set[tuple[str, str]] | None:
+    """The ``held`` groups of a buffer's metadata (None for a version-2 buffer or unknown groups)."""
+    held = meta.get("held") if meta.get("version") == _VERSION else None
+    return None if held is None else {(str(p), str(c)) for p, c in held}
 
 
 def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:

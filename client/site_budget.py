@@ -6,11 +6,13 @@
    training on the same state directory is refused at once, never queued:
    two overlapping load-train-save cycles would lose a spend);
 2. checks the sentinel: a site that has ever recorded a mechanism has a
-   sentinel holding its step count and the Renyi divergence its history
-   costs at the filter order; a missing ledger beside a sentinel (or beside
+   sentinel holding its step count, the Renyi divergence its history costs
+   at the filter order (all entries in sequence) and the divergence of each
+   record group; a missing ledger beside a sentinel (or beside
    any other training state) is a lost ledger, and a ledger with fewer steps
    or a smaller divergence than the sentinel is a rolled-back or replaced
-   one: both refuse to train, with or without a fixed noise multiplier;
+   one (so is a ledger in which any record group got cheaper): all refuse to
+   train, with or without a fixed noise multiplier;
 3. :meth:`SiteBudget.noise_multiplier` is the one place sigma is chosen: the
    committed sigma while the site's remaining plan still fits under it, else
    the smallest sigma that fits (a bisection against the RDP filter);
@@ -124,6 +126,7 @@ class SiteBudget:
                 "dp_steps_total": self.ledger.total_steps,
                 "filter_order": order,
                 "rdp_at_order": self.ledger.divergence(order) if order else None,
+                "rdp_by_group": self.ledger.group_divergences(order) if order else None,
             },
         )
 
@@ -244,6 +247,15 @@ def _open_ledger(state: SiteState, policy: SitePolicy) -> PrivacyLedger:
             raise LedgerError(
                 f"privacy ledger {state.ledger} prices less than the sentinel recorded (another filter order, or "
                 f"cheaper entries than were spent): it was replaced or rolled back; {restore}"
+            )
+        now = ledger.group_divergences(order)
+        lowered = [
+            key for key, spent in (sentinel.get("rdp_by_group") or {}).items() if now.get(key, 0.0) < spent * (1 - 1e-9)
+        ]
+        if lowered:
+            raise LedgerError(
+                f"privacy ledger {state.ledger} prices the record group {lowered[0]} lower than the sentinel recorded "
+                f"(entries moved to other groups or removed): it was replaced or rolled back; {restore}"
             )
     return ledger
 

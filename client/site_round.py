@@ -40,6 +40,7 @@ from flwr.common.logger import log
 from client.continual import (
     StreamContext,
     absorb_finished,
+    experience_groups,
     incremental_rows,
     penalty,
     pending_importance,
@@ -50,7 +51,7 @@ from client.ewc import EwcState, anchor_arrays
 from client.mechanisms import UNBOUNDED_CLIP, RecordGroups, SgdMechanism, sgd_mechanism
 from client.phases import run_class_sums, run_importance, run_lora, run_probe
 from client.privacy_ledger import BudgetError, Entry
-from client.replay_buffer import training_pool
+from client.replay_buffer import held_groups, training_pool
 from client.secure_noise import NoiseSource
 from client.site_budget import Segment, SiteBudget, open_budget
 from client.site_policy import SitePolicy
@@ -78,6 +79,7 @@ class SitePlan:
     runtime: SiteRuntime
     context: StreamContext
     policy: SitePolicy
+    buffered: frozenset[tuple[str, str]] | None = frozenset()  # groups the stored replay buffer holds; None: unknown
 
     @property
     def nominal(self) -> int:
@@ -104,17 +106,23 @@ class SitePlan:
         return self.experience_size() * (1 + self.replay_probability * experience)
 
     def groups_read(self, experience: int, replay: bool) -> RecordGroups | None:
-        """The record groups a mechanism of ``experience`` reads (public: the plan's members), None for every record.
+        """The record groups a mechanism of ``experience`` reads (public: the plan's cells), None for every record.
 
         The experience's own cells; with ``replay``, those of every earlier
-        experience too (the buffer may hold any of their records). A joint
-        run reads every record.
+        experience and every group the stored buffer already holds (from an
+        earlier run, say), since the pool may hold any of their records. A
+        joint run, or a buffer whose groups are unknown or of another
+        partition, reads every record.
         """
         if self.context.schedule.joint:
             return None
-        plan = self.context.plan
         first = 0 if replay else experience
-        return RecordGroups.of(plan.unit, (name for e in range(first, experience + 1) for name in plan.members[e]))
+        own = experience_groups(self.runtime, self.context, range(first, experience + 1))
+        if not replay or not self.buffered:
+            return None if replay and self.buffered is None else own
+        if any(partition != own.partition for partition, _ in self.buffered):
+            return None
+        return RecordGroups.of(own.partition, [*own.cells, *(cell for _, cell in self.buffered)])
 
     def phase_mechanism(self, phase: str, experience: int, sigma: float, clip: float) -> SgdMechanism:
         """The mechanism of one round of ``phase`` in ``experience``."""
@@ -231,6 +239,8 @@ def site_round(
         )
     plan = SitePlan(runtime, context, policy)
     with open_budget(state, policy) as budget:
+        if plan.replay_probability > 0:  # read under the lock: the buffer is the site's state
+            plan = SitePlan(runtime, context, policy, held_groups(state.folder))
         replayed = _replayed_round(state, run_id, server_round)
         if replayed:
             return RoundResult("refused", replayed, {"experience": experience})

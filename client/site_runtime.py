@@ -33,6 +33,9 @@ class SiteData:
     label_names: list[str]
     train_keys: list[str]
     test_keys: list[str]
+    # which record attribute the keys are values of: "label", or "group:<column>" (the ledger's partition name, so
+    # group values read from two different columns are never mistaken for one partition)
+    stream_partition: str = "label"
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ def site_data(config: RunConfig, files: SiteFiles, tokenizer: Any) -> SiteData:
             label_names=list(config.label_names),
             train_keys=stream_keys(train, config),
             test_keys=stream_keys(test, config),
+            stream_partition="label" if train.groups is None else f"group:{files.group_column}",
         )
     return _ENCODED[key]
 

@@ -390,3 +390,86 @@ def test_a_site_whose_budget_is_spent_skips_with_the_reason_instead_of_failing(t
     result = run_round(runtime_of(flat), 1, tmp_path)
     assert result.status == "skipped" and "privacy budget" in result.reason
     assert result.metrics["stopped-for-budget"] == 1
+
+
+def test_a_buffer_kept_from_an_earlier_run_is_paid_for_by_the_groups_it_holds(tiny_model_dir, tmp_path):
+    """Run 2 starts a new plan on the same state dir: its replay pool still holds run 1's records, so it pays for them."""
+    first_plan, second_plan = (
+        "business,entertainment;politics,sports,tech",
+        "politics,sports,tech;business,entertainment",
+    )
+    keys = {"replay-size": 6, "noise-multiplier": 3.0}
+    earlier = runtime_of(flat_config(tiny_model_dir, **{"stream-groups": first_plan, **keys}))
+    for server_round in (1, 2):  # experience 0, then 1 with experience 0 in the buffer
+        assert run_round(earlier, server_round, tmp_path).status == "trained"
+    assert ReplayBuffer.load(tmp_path, 6 / len(earlier.data.train)).held == {
+        ("label", "business"),
+        ("label", "entertainment"),
+    }
+    later = runtime_of(flat_config(tiny_model_dir, **{"stream-groups": second_plan, **keys}))
+    assert run_round(later, 1, tmp_path).status == "trained"  # experience 0 of the new plan: politics, sports, tech
+    ledger = PrivacyLedger.load(tmp_path / "privacy_ledger.json")
+    # its pool = the new experience 0 + the old buffer (business, entertainment): it reads all five labels
+    assert ledger.reads[-1].cells == frozenset({"politics", "sports", "tech", "business", "entertainment"})
+
+
+def test_a_joint_round_reads_every_record_and_a_buffer_of_unknown_groups_too(tiny_model_dir, tmp_path):
+    from client.continual import stream_context
+    from client.site_policy import SitePolicy
+    from client.site_round import SitePlan
+
+    joint = runtime_of(flat_config(tiny_model_dir, joint=True))
+    assert run_round(joint, 1, tmp_path).status == "trained"
+    assert PrivacyLedger.load(tmp_path / "privacy_ledger.json").reads == [None]
+    runtime = runtime_of(flat_config(tiny_model_dir, **{"replay-size": 6}))
+    context, policy = stream_context(runtime), SitePolicy(True, 8.0, 1e-5, "rdp", tmp_path, 0)
+    assert SitePlan(runtime, context, policy, None).groups_read(1, replay=True) is None  # a version-2 buffer
+    other = frozenset({("group:source", "cdc")})  # a buffer filled under another partition
+    assert SitePlan(runtime, context, policy, other).groups_read(1, replay=True) is None
+    assert SitePlan(runtime, context, policy, None).groups_read(1, replay=False).partition == "label"
+
+
+def test_group_cells_are_named_after_the_column_they_come_from():
+    from types import SimpleNamespace
+
+    from client.continual import experience_groups
+    from fedcl.experience_plan import ExperiencePlan
+
+    plan = ExperiencePlan("domain-incremental", "group", (("north",), ("south",)))
+    context = SimpleNamespace(plan=plan)
+    by_region = SimpleNamespace(data=SimpleNamespace(stream_partition="group:region"))
+    by_ward = SimpleNamespace(data=SimpleNamespace(stream_partition="group:ward"))
+    first = experience_groups(by_region, context, [0])
+    assert first.partition == "group:region" and first.cells == frozenset({"north"})
+    assert experience_groups(by_ward, context, [0]).partition == "group:ward"  # another column: another partition
+
+
+def test_a_non_private_ncm_round_releases_exact_counts_and_the_rule_decodes_its_own_rows(tiny_model_dir, tmp_path):
+    """What run_class_sums builds is what predict_from_release reads: counts by hand, NCM by a plain numpy loop."""
+    from client.continual import stream_context
+    from client.phases import frozen_features
+    from strategies.ncm_sums import COUNT_WEIGHT, FEATURE_WEIGHT, SCORE_SCALE, predict_from_release
+
+    flat = flat_config(tiny_model_dir, recipe="ncm", dp=False)
+    runtime = runtime_of(flat)
+    context = stream_context(runtime)
+    result = run_round(runtime, 1, tmp_path, flat=flat)
+    assert result.status == "trained"
+    sums, variance = result.release["class-sums"], result.release["noise-variance"]
+    labels = runtime.data.train.labels.cpu().numpy()[context.train_positions(0)]
+    np.testing.assert_allclose(sums[:, -1] / COUNT_WEIGHT, np.bincount(labels, minlength=len(sums)), atol=1e-9)
+    assert not variance.any()
+    features = frozen_features(runtime, "train")[context.train_positions(0)]
+    classes = context.labels[0]
+    test = frozen_features(runtime, "test")
+    by_hand = []
+    for x in test:
+        scores = []
+        for c in classes:
+            total = features[labels == c].sum(axis=0)  # unit rows: their plain sum
+            scores.append(
+                SCORE_SCALE * x @ total / (np.linalg.norm(x) * np.linalg.norm(total)) + np.log((labels == c).sum())
+            )
+        by_hand.append(classes[int(np.argmax(scores))])
+    assert FEATURE_WEIGHT < 1
+    np.testing.assert_array_equal(predict_from_release(test, sums, variance, classes), by_hand)

@@ -391,3 +391,26 @@ def test_a_ledger_replaced_by_a_cheaper_one_with_as_many_steps_is_detected(tiny_
     cheaper.save(tmp_path / "privacy_ledger.json")
     with pytest.raises(LedgerError, match="replaced or rolled back"):
         run_round(runtime, 3, tmp_path)
+
+
+def test_a_ledger_whose_entries_moved_to_other_record_groups_is_detected(tiny_model_dir, csv_dataset, tmp_path):
+    """Same steps, same noise, same sequential total: only the groups changed, so the sentinel's per-group figures catch it."""
+    from client.mechanisms import RecordGroups
+
+    flat = run_config(tiny_model_dir, csv_dataset)
+    runtime = runtime_of(flat)
+    run_round(runtime, 1, tmp_path)
+    spent = PrivacyLedger.load(tmp_path / "privacy_ledger.json")
+    assert all(groups is not None and groups.partition == "label" for groups in spent.reads)
+    moved = PrivacyLedger(
+        8.0,
+        1e-5,
+        list(spent.history),
+        filter_order=spent.filter_order,
+        reads=[RecordGroups.of("label", ["a label nobody has"]) for _ in spent.history],
+    )
+    assert moved.total_steps == spent.total_steps
+    assert moved.divergence(spent.filter_order) == spent.divergence(spent.filter_order)
+    moved.save(tmp_path / "privacy_ledger.json")
+    with pytest.raises(LedgerError, match="record group .* lower than the sentinel"):
+        run_round(runtime, 2, tmp_path)
