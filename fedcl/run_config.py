@@ -103,6 +103,7 @@ class RunConfig:
     accountant: str = "rdp"  # the RDP filter of the site's ledger (prv cannot back an adaptive stop)
     # --- recipe: a private linear probe on cached features, then private LoRA
     recipe: str = "auto"  # from public facts (fedcl/recipe_choice.py); probe-then-lora, lora (plain) or ncm
+    records_per_site: int = 0  # declared public: the typical training records per site (auto uses it); 0 unknown
     probe_rounds: int = 20  # rounds that train only the head on cached features
     probe_steps: int = 40  # DP-SGD steps per site per probe round (each costs milliseconds)
     probe_batch_size: int = 128  # expected Poisson batch of the probe (larger batches: less noise per signal)
@@ -144,6 +145,7 @@ class RunConfig:
         if not 0.0 < self.test_fraction < 1.0:
             _fail("test-fraction", self.test_fraction, "use a value strictly between 0 and 1, e.g. 0.2")
         _non_negative_int("max-train-examples", self.max_train_examples)
+        _non_negative_int("records-per-site", self.records_per_site)
         _non_negative_int("max-test-examples", self.max_test_examples)
         _non_negative_int("num-rounds", self.num_rounds)
         _check_aggregation(self)

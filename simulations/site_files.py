@@ -83,7 +83,11 @@ def virtual_sites(config: RunConfig) -> VirtualSites:
             f"config key 'label-column' = {config.label_column!r}: only one label value; a classifier needs two or more"
         )
     sites = split_sites(data.labels, data.groups, config)
-    return VirtualSites(data, sites, public_keys(config, data))
+    keys = public_keys(config, data)
+    # the virtual sites' sizes are declared public (README, "Adjacency and the site's size"): their mean is the
+    # typical site size the default recipe reads, unless the run config declares one
+    keys["records-per-site"] = config.records_per_site or round(sum(len(s.train) for s in sites) / len(sites))
+    return VirtualSites(data, sites, keys)
 
 
 def write_site_files(sites: VirtualSites, data_root: Path) -> list[Path]:
