@@ -158,11 +158,7 @@ class ReplayBuffer:
         path = Path(state_dir) / BUFFER_FILE
         if not path.exists():
             return cls(float(inclusion_probability), key)
-        arrays, raw = load_arrays(path)
-        try:
-            meta = json.loads(raw.get("fedcl", "{}"))
-        except json.JSONDecodeError:
-            meta = {}
+        arrays, meta = _read(path)
         if meta.get("format") != _FORMAT or meta.get("version") not in _READABLE:
             raise ValueError(
                 f"{path} is not a fedcl replay buffer of version {', '.join(map(str, _READABLE))} (Bernoulli "
@@ -196,13 +192,17 @@ def held_groups(state_dir: str | os.PathLike[str]) -> frozenset[tuple[str, str]]
     path = Path(state_dir) / BUFFER_FILE
     if not path.exists():
         return frozenset()
-    _, raw = load_arrays(path)
-    try:
-        meta = json.loads(raw.get("fedcl", "{}"))
-    except json.JSONDecodeError:
-        return None
-    held = _held_of(meta)
+    held = _held_of(_read(path)[1])  # damaged metadata reads as {}: unknown groups
     return None if held is None else frozenset(held)
+
+
+def _read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A buffer file's arrays and its ``fedcl`` metadata ({} when that is not JSON)."""
+    arrays, raw = load_arrays(path)
+    try:
+        return arrays, json.loads(raw.get("fedcl", "{}"))
+    except json.JSONDecodeError:
+        return arrays, {}
 
 
 def _held_of(meta: dict) -> set[tuple[str, str]] | None:

@@ -28,6 +28,7 @@ A plain run is a stream with one experience: the same pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -116,11 +117,10 @@ class SitePlan:
         """
         if self.context.schedule.joint:
             return None
-        first = 0 if replay else experience
-        own = experience_groups(self.runtime, self.context, range(first, experience + 1))
-        if not replay or not self.buffered:
-            return None if replay and self.buffered is None else own
-        if any(partition != own.partition for partition, _ in self.buffered):
+        if not replay:
+            return experience_groups(self.runtime, self.context, [experience])
+        own = experience_groups(self.runtime, self.context, range(experience + 1))
+        if self.buffered is None or any(partition != own.partition for partition, _ in self.buffered):
             return None
         return RecordGroups.of(own.partition, [*own.cells, *(cell for _, cell in self.buffered)])
 
@@ -240,7 +240,7 @@ def site_round(
     plan = SitePlan(runtime, context, policy)
     with open_budget(state, policy) as budget:
         if plan.replay_probability > 0:  # read under the lock: the buffer is the site's state
-            plan = SitePlan(runtime, context, policy, held_groups(state.folder))
+            plan = dataclasses.replace(plan, buffered=held_groups(state.folder))
         replayed = _replayed_round(state, run_id, server_round)
         if replayed:
             return RoundResult("refused", replayed, {"experience": experience})

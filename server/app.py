@@ -184,13 +184,14 @@ def write_summary(
 ) -> dict[str, Any]:
     """Export the global adapter (a run that did not fail only) and write summary.json; returns the summary."""
     base_bytes = None
-    if failure is None and strategy.current and config.chosen_recipe != "ncm":  # ncm's global state: class sums
+    choice = choose_recipe(config)
+    if failure is None and strategy.current and choice.recipe != "ncm":  # ncm's global state: class sums
         base_bytes = export_adapter(report.run_dir / "adapter", config, strategy.current, config.label_names)
     return report.summary(
         base_bytes,
         {
             "status": FAILED if failure else "completed",
-            "recipe": {"chosen": choose_recipe(config).recipe, "reason": choose_recipe(config).reason},
+            "recipe": {"chosen": choice.recipe, "reason": choice.reason},
             "failure_reason": failure,
             "failed_rounds": list(guard.failed_rounds),
             "resumed_from_round": checkpoint.round if checkpoint else None,
