@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 from statistics import mean
@@ -45,8 +44,8 @@ MEDQUAD_GROUPS = (
     "symptoms,treatment,causes,susceptibility,complications;"
     "inheritance,genetic changes,exams and tests,considerations,prevention,support groups"
 )
-COMMON = (
-    "target-epsilon=8.0 accountant='rdp' num-rounds=0 probe-rounds=2 probe-steps=30 probe-batch-size=64 "
+COMMON = (  # every recipe trains the probe unless its own keys say otherwise (ncm: recipe='ncm' overrides it)
+    "target-epsilon=8.0 accountant='rdp' recipe='probe-then-lora' num-rounds=0 probe-rounds=2 probe-steps=30 probe-batch-size=64 "
     "probe-learning-rate=0.5"
 )
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -99,36 +98,24 @@ def recipes(scenario: dict[str, Any], with_lora: bool) -> dict[str, str]:
         "joint LoRA non-private": "joint=true dp=false num-rounds=4 local-steps=25 batch-size=32 learning-rate=0.002",
         "ncm": "recipe='ncm'",
     }
-    trained = "recipe='probe-then-lora'"  # the recipes that train a head (auto would choose ncm on many labels)
-    table = {
-        name: overrides if name == "ncm" else f"{trained} {overrides}".strip() for name, overrides in table.items()
-    }
     if with_lora:
-        table["lora replay+ewc"] = (
-            f"{trained} {replay} {ewc} num-rounds=1 local-steps=5 batch-size=32 learning-rate=0.05"
-        )
+        table["lora replay+ewc"] = f"{replay} {ewc} num-rounds=1 local-steps=5 batch-size=32 learning-rate=0.05"
     return table
 
 
 def run_recipe(scenario: str, name: str, overrides: str, out_root: Path, repeat: int = 0) -> dict[str, Any]:
     """Run one recipe end to end (``repeat`` > 0: another run of it, in its own folder) and read its summary."""
-    from simulations.run import parse_overrides, prepare_config, run_simulation
+    from simulations.run import fresh_run, largest_epsilon, parse_overrides
 
     keys = f"{COMMON} {SCENARIOS[scenario]['keys']} {overrides}".strip()
     folder = out_root / f"{scenario}-{name.replace(' ', '-').replace('+', '-')}{f'-r{repeat}' if repeat else ''}"
-    shutil.rmtree(folder, ignore_errors=True)  # fresh site state: a kept ledger would carry its spent budget over
     merged = {  # a recipe's keys override the common ones
         **parse_overrides(COMMON),
         **parse_overrides(SCENARIOS[scenario]["keys"]),
         **parse_overrides(overrides),
-        "output-dir": str(folder),
     }
-    config = prepare_config(merged, Path.cwd())
-    started = time.time()
-    run_dir = run_simulation(config, quiet=True)
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    continual = summary["continual"]
-    privacy = summary.get("privacy") or {}
+    run = fresh_run(merged, folder)
+    continual = run.summary["continual"]
     return {
         "scenario": scenario,
         "recipe": name,
@@ -138,9 +125,9 @@ def run_recipe(scenario: str, name: str, overrides: str, out_root: Path, repeat:
         "forgetting": continual["forgetting"],
         "bwt": continual["bwt"],
         "accuracy_matrix": continual["accuracy_matrix"],
-        "epsilon_max": max((p["epsilon"] for p in privacy.values()), default=None),
-        "wall_seconds": time.time() - started,
-        "run_dir": str(run_dir),
+        "epsilon_max": largest_epsilon(run.summary),
+        "wall_seconds": run.wall_seconds,
+        "run_dir": str(run.run_dir),
     }
 
 

@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import time
 from pathlib import Path
-
-from simulations.run import prepare_config, run_simulation
 
 VARIANTS = {
     "private": "",
@@ -35,24 +31,18 @@ VARIANTS = {
 
 def run_variant(name: str, overrides: str, out_root: Path) -> dict:
     """Run one variant end to end and read its summary."""
-    from simulations.run import parse_overrides
+    from simulations.run import fresh_run, parse_overrides
 
-    folder = out_root / name.replace(" ", "-").replace(",", "")
-    shutil.rmtree(folder, ignore_errors=True)  # a kept ledger would carry its spent budget into this run
-    extra = f"{overrides} output-dir='{folder}'".strip()
-    config = prepare_config(parse_overrides(extra), Path.cwd())
-    started = time.time()
-    run_dir = run_simulation(config, quiet=True)
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    privacy = summary.get("privacy") or {}
+    run = fresh_run(parse_overrides(overrides), out_root / name.replace(" ", "-").replace(",", ""))
+    privacy = run.summary.get("privacy") or {}
     return {
         "variant": name,
         "overrides": overrides,
-        "accuracy": summary["accuracy"],
-        "per_site": {site: v["accuracy"] for site, v in summary["per_site"].items()},
+        "accuracy": run.summary["accuracy"],
+        "per_site": {site: v["accuracy"] for site, v in run.summary["per_site"].items()},
         "epsilon": {site: p["epsilon"] for site, p in privacy.items()},
-        "wall_seconds": time.time() - started,
-        "run_dir": str(run_dir),
+        "wall_seconds": run.wall_seconds,
+        "run_dir": str(run.run_dir),
     }
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +41,19 @@ LORA_SCENARIOS = ("clinc150-full",)  # LoRA at 128 tokens on all of MedQuAD is h
 
 def run_row(scenario: str, recipe: str, epsilon: float, out_root: Path) -> dict[str, Any]:
     """One plain run of ``recipe`` on ``scenario`` at ``epsilon``; its accuracy, epsilon and wall time."""
-    from simulations.run import parse_overrides, prepare_config, run_simulation
+    from simulations.run import fresh_run, largest_epsilon, parse_overrides
 
     keys = f"target-epsilon={epsilon} {SCENARIOS[scenario]} {RECIPES[recipe]}"
-    folder = out_root / f"{scenario}-{recipe.replace(' + ', '-')}-eps{epsilon:g}"
-    shutil.rmtree(folder, ignore_errors=True)  # fresh site state: a kept ledger would carry its spent budget over
-    config = prepare_config(parse_overrides(f"{keys} output-dir='{folder}'"), Path.cwd())
-    started = time.time()
-    run_dir = run_simulation(config, quiet=True)
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    privacy = summary.get("privacy") or {}
+    run = fresh_run(parse_overrides(keys), out_root / f"{scenario}-{recipe.replace(' + ', '-')}-eps{epsilon:g}")
     return {
         "scenario": scenario,
         "recipe": recipe,
         "target_epsilon": epsilon,
         "overrides": keys,
-        "accuracy": summary["accuracy"],
-        "epsilon_max": max((p["epsilon"] for p in privacy.values()), default=None),
-        "wall_seconds": time.time() - started,
-        "run_dir": str(run_dir),
+        "accuracy": run.summary["accuracy"],
+        "epsilon_max": largest_epsilon(run.summary),
+        "wall_seconds": run.wall_seconds,
+        "run_dir": str(run.run_dir),
     }
 
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 import tomllib
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -282,6 +284,34 @@ def run_simulation(
     if proc.returncode != 0 or not (run_dir / "summary.json").exists():
         raise RuntimeError(f"the simulation did not finish; see {log_path}; its last lines:\n{_log_tail(log_path)}")
     return run_dir
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A simulation a benchmark ran: its run directory, its summary.json and its wall time."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    wall_seconds: float
+
+
+def fresh_run(overrides: Mapping[str, Any], folder: Path) -> FinishedRun:
+    """Run ``overrides`` in ``folder`` from scratch and read its summary (how every benchmark runs a row).
+
+    The folder is emptied first: a kept site ledger would carry its spent
+    budget into the new run. The wall time starts after the preflight.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    config = prepare_config({**overrides, "output-dir": str(folder)}, Path.cwd())
+    started = time.time()
+    run_dir = run_simulation(config, quiet=True)
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    return FinishedRun(run_dir, summary, time.time() - started)
+
+
+def largest_epsilon(summary: Mapping[str, Any]) -> float | None:
+    """The largest epsilon any site reported in a run's summary (None without DP)."""
+    return max((p["epsilon"] for p in (summary.get("privacy") or {}).values()), default=None)
 
 
 def main(argv: list[str] | None = None) -> int:
