@@ -27,9 +27,9 @@ from client.privacy_ledger import PrivacyLedger
 from client.site_state import SiteState
 from fedcl.pilot.errors import PilotError
 from fedcl.pilot.poc import LocalFederation
-from fedcl.pilot.processes import ManagedProcess, free_port
+from fedcl.pilot.processes import ManagedProcess
 from fedcl.pilot.run_log import MessageSpan, message_spans
-from fedcl.pilot.site import ACTIVATION_REFUSED, start_site
+from fedcl.pilot.site import ACTIVATION_REFUSED
 
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 
@@ -105,17 +105,7 @@ def restart_site(
     while True:
         attempts += 1
         try:
-            process = start_site(
-                federation.group,
-                federation.connection,
-                federation.keys[name].private_key,
-                federation.node_configs[name],
-                federation.folders[name] / "flwr-home",
-                runtime_port=free_port(),
-                log_path=federation.folders[name] / "supernode.log",
-                prefix=prefix,
-            )
-            return process, attempts
+            return federation.start_supernode(name, prefix), attempts
         except PilotError as err:
             if ACTIVATION_REFUSED not in str(err) or time.monotonic() > deadline:
                 raise

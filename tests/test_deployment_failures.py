@@ -60,7 +60,6 @@ from fedcl.pilot.pki import certificate_names, init_pki, parse_hosts
 from fedcl.pilot.poc import LocalFederation, PocPlan, PocResult
 from fedcl.pilot.processes import ManagedProcess, ProcessGroup, free_port
 from fedcl.pilot.registration import register_site
-from fedcl.pilot.site import start_site
 from fedcl.pilot.superlink import start_superlink
 
 PROBE_STEPS = 5  # DP steps per trained round: what each site's ledger must add per round it trained
@@ -274,16 +273,7 @@ def start_in_namespaces(federation: LocalFederation, topology: Topology) -> None
     )
     for name in federation.names:
         register_site(name, federation.keys[name].public_key, federation.connection, federation.coordinator_home)
-        start_site(
-            federation.group,
-            federation.connection,
-            federation.keys[name].private_key,
-            federation.node_configs[name],
-            federation.folders[name] / "flwr-home",
-            runtime_port=free_port(),
-            log_path=federation.folders[name] / "supernode.log",
-            prefix=topology.prefix(topology.site_namespace(name)),
-        )
+        federation.start_supernode(name, topology.prefix(topology.site_namespace(name)))
 
 
 def run_network(root: Path, topology: Topology) -> Outcome:

@@ -31,7 +31,7 @@ from fedcl.pilot.connection import Connection, SuperLinkAddress
 from fedcl.pilot.errors import PilotError
 from fedcl.pilot.node_config import SiteNodeConfig, check_node_config, format_config, parse_node_config
 from fedcl.pilot.pki import PkiFiles, SiteKeyFiles, init_pki, make_site_keys, parse_hosts
-from fedcl.pilot.processes import ProcessGroup, StopOnSignals, free_port
+from fedcl.pilot.processes import ManagedProcess, ProcessGroup, StopOnSignals, free_port
 from fedcl.pilot.registration import register_site
 from fedcl.pilot.run_log import RoundTiming, message_spans, round_ends, round_timings
 from fedcl.pilot.runs import RunOutcome, check_run_config, submit_run, wait_for_run
@@ -191,17 +191,27 @@ class LocalFederation:
             self.say(f"{name} registered (node {registration.node_id}, key {registration.fingerprint})")
         started = time.time()
         for name in self.names:
-            start_site(
-                self.group,
-                self.connection,
-                self.keys[name].private_key if name in self.keys else None,
-                self.node_configs[name],
-                self.folders[name] / "flwr-home",
-                runtime_port=free_port(),
-                log_path=self.folders[name] / "supernode.log",
-            )
+            self.start_supernode(name)
             self.say(f"{name} connected; log {self.folders[name] / 'supernode.log'}")
         self.timings["sites_connected_s"] = time.time() - started
+
+    def start_supernode(self, name: str, prefix: tuple[str, ...] = ()) -> ManagedProcess:
+        """Start site ``name``'s SuperNode with its own key, node config and folders (``prefix``: e.g. ``ip netns exec``).
+
+        Raises :class:`PilotError` when it does not connect (as ``start_site``).
+        """
+        if self.connection is None:
+            raise PilotError("start the federation's SuperLink before its sites")
+        return start_site(
+            self.group,
+            self.connection,
+            self.keys[name].private_key if name in self.keys else None,
+            self.node_configs[name],
+            self.folders[name] / "flwr-home",
+            runtime_port=free_port(),
+            log_path=self.folders[name] / "supernode.log",
+            prefix=prefix,
+        )
 
     def submit(self) -> int:
         """Submit the run (``flwr run`` of the fedcl project); return its id."""
