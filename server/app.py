@@ -34,6 +34,7 @@ from server.adapter_export import export_adapter
 from server.checkpoint import Checkpoint, open_resume, save_checkpoint, training_config
 from server.continual_run import ContinualRun
 from server.privacy_report import PrivacyWatch
+from server.progress import RunProgress, where_in_run
 from server.round_guard import FAILED, RoundGuard, RunFailed
 from server.run_report import RunReport
 from server.strategy_setup import aggregation_summary, build_strategy, restore_strategy_state
@@ -108,6 +109,18 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     log(INFO, "fedcl: run directory %s", run_dir)
     choice = choose_recipe(config)
     log(INFO, "fedcl: recipe %s (%s)", choice.recipe, choice.reason)
+    first_round = checkpoint.round + 1 if checkpoint else 1
+    progress = RunProgress(
+        total_rounds, lambda r: str(schedule(r)["phase"]), config.target_epsilon if config.dp else None, first_round
+    )
+    log(
+        INFO,
+        "fedcl: round %d/%d (%s) starting: each site loads the model and embeds its records first, so this round "
+        "takes longest; a line follows every round",
+        first_round,
+        total_rounds,
+        where_in_run(schedule(first_round)),
+    )
     started = {"round": time.time()}
 
     def on_round_end(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
@@ -140,11 +153,15 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 config=training_config(config),
             ),
         )
-        mean = log_round(config, server_round, total_rounds, schedule, rows, failure, time.time() - started["round"])
+        line = progress.round_line(
+            server_round, where_in_run(schedule(server_round)), rows, failure, time.time() - started["round"]
+        )
+        log(ERROR if failure else INFO, "%s", line)
         started["round"] = time.time()
         if stop:
             raise RunFailed(stop)
-        return MetricRecord({"mean-accuracy": mean})
+        accuracies = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+        return MetricRecord({"mean-accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan})
 
     stopped = None
     try:
@@ -156,7 +173,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             train_config=ConfigRecord(),  # the site derives its round from the run config and the server round
             evaluate_config=ConfigRecord(),
             evaluate_fn=on_round_end,
-            first_round=checkpoint.round + 1 if checkpoint else 1,
+            first_round=first_round,
         )
     except RunFailed as err:
         stopped = str(err)
@@ -168,7 +185,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     if status == FAILED:
         log(ERROR, "fedcl: the run failed: %s; report in %s", reason, run_dir / "summary.json")
         raise RunFailed(str(reason))
-    log(INFO, "fedcl: final mean accuracy %s; report in %s", summary["accuracy"], run_dir / "summary.json")
+    accuracy = "none (nothing was evaluated)" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"
+    log(INFO, "fedcl: final mean accuracy %s; report in %s", accuracy, run_dir / "summary.json")
     return run_dir
 
 
@@ -231,33 +249,3 @@ def restore_server(
     watch.restore(server.get("privacy", {}))
     if continual is not None:
         continual.restore(server.get("continual") or {})
-
-
-def log_round(
-    config: RunConfig,
-    server_round: int,
-    total_rounds: int,
-    schedule: Any,
-    rows: list[dict],
-    failure: str | None,
-    seconds: float,
-) -> float:
-    """Log the round's line (accuracy per site, epsilon spent, or why it failed); returns the mean accuracy."""
-    accuracies = {r["site"]: r["accuracy"] for r in rows if r.get("accuracy") is not None}
-    mean = sum(accuracies.values()) / len(accuracies) if accuracies else math.nan
-    epsilons = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
-    spent = f"; epsilon spent up to {max(epsilons):.2f} of {config.target_epsilon}" if epsilons else ""
-    verdict = f" FAILED ({failure})" if failure else ""
-    log(
-        ERROR if failure else INFO,
-        "fedcl: round %d/%d (%s)%s done in %.1f s: mean accuracy %.3f (%s)%s",
-        server_round,
-        total_rounds,
-        schedule(server_round)["phase"],
-        verdict,
-        seconds,
-        mean,
-        ", ".join(f"{site} {acc:.3f}" for site, acc in sorted(accuracies.items())),
-        spent,
-    )
-    return mean

@@ -1,0 +1,308 @@
+"""The run's report: one HTML page with its figures, written from the run directory alone.
+
+``write_report(run_dir)`` reads the run (``server/run_record.py``), draws the
+figures (``server/report_figures.py``) into ``<run-dir>/report/`` and writes
+``<run-dir>/report/index.html`` beside them: what the run was, a privacy
+statement in words an ethics board can read, the figures with how to read
+each, each site's numbers, every round in which a site did not train, and the
+whole configuration. The ServerApp writes it when a run ends; ``fedcl report
+RUN_DIR`` writes it again at any time.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.report_figures import Figure, draw_figures
+from server.run_record import RunRecord, read_run
+
+REPORT_FOLDER = "report"
+MAX_PROBLEM_ROWS = 200  # a long run with a site that stopped early would list it every round
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; max-width: 60rem; margin: 2rem auto;
+       padding: 0 1rem; color: #1b1b1b; line-height: 1.45; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.92rem; }
+td, th { border: 1px solid #ccc; padding: 0.25rem 0.55rem; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.status-completed { color: #17692b; } .status-failed, .status-running { color: #a30d0d; }
+.box { border-left: 4px solid #2a5db0; background: #f1f5fc; padding: 0.6rem 1rem; margin: 1rem 0; }
+.warn { border-left-color: #b02a2a; background: #fcf1f1; }
+figure { margin: 1.2rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.92rem; color: #333; } code { background: #f3f3f3; padding: 0 0.2rem; }
+"""
+
+
+def write_report(run_dir: Path | str) -> Path:
+    """Write ``<run-dir>/report/index.html`` and its PNG figures; returns the page's path.
+
+    Raises :class:`~server.run_record.NotARunDirectory` (a ValueError) for a
+    folder that is not a run directory.
+    """
+    record = read_run(run_dir)
+    folder = record.run_dir / REPORT_FOLDER
+    figures = draw_figures(record, folder)
+    page = folder / "index.html"
+    page.write_text(render_page(record, figures), encoding="utf-8")
+    return page
+
+
+def render_page(record: RunRecord, figures: Sequence[Figure]) -> str:
+    """The report page's HTML for ``record`` with ``figures`` (PNG files beside the page)."""
+    sections = [
+        f"<h1>fedcl run {esc(record.name)}</h1>",
+        f"<p>{status_line(record)}</p>",
+        "<h2>At a glance</h2>",
+        table(["", ""], glance_rows(record), header=False),
+        "<h2>Privacy</h2>",
+        *privacy_statement(record),
+        "<h2>Figures</h2>",
+        *(
+            f'<figure><img src="{esc(f.file)}" alt="{esc(f.title)}"><figcaption><b>{esc(f.title)}.</b> '
+            f"{esc(f.how_to_read)}</figcaption></figure>"
+            for f in figures
+        ),
+        "<h2>Each site</h2>",
+        site_table(record),
+        "<h2>Rounds in which a site did not train</h2>",
+        problems_section(record),
+        "<h2>Configuration</h2>",
+        configuration_section(record),
+    ]
+    body = "\n".join(sections)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>fedcl run {esc(record.name)}</title>'
+        f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )
+
+
+def esc(value: Any) -> str:
+    """HTML-escaped text of any value."""
+    return html.escape(str(value))
+
+
+def number(value: Any, digits: int = 3) -> str:
+    """A number rounded for a table, ``-`` for none."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return (
+            f"{value:.{digits}g}"
+            if abs(value) >= 1000 or (value and abs(value) < 10**-digits)
+            else f"{value:.{digits}f}"
+        )
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], header: bool = True) -> str:
+    """An HTML table; numbers are right-aligned and rounded."""
+    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>" if header else ""
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{esc(number(cell))}</td>'
+            if isinstance(cell, (int, float)) and not isinstance(cell, bool)
+            else f"<td>{esc(number(cell))}</td>"
+            for cell in row
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def status_line(record: RunRecord) -> str:
+    """``Status: completed`` (or failed with its reason, or still running / interrupted)."""
+    summary = record.summary
+    if summary is None:
+        rounds = record.rounds[-1] if record.rounds else 0
+        return (
+            f'Status: <b class="status-running">not finished</b>: no summary.json yet (the run is still going, or '
+            f"stopped without ending; {rounds} round(s) have rows). Resume it with "
+            f"<code>resume='{esc(record.run_dir)}'</code>."
+        )
+    status = summary.get("status", "completed")
+    reason = f": {esc(summary.get('failure_reason'))}" if summary.get("failure_reason") else ""
+    return f'Status: <b class="status-{esc(status)}">{esc(status)}</b>{reason}'
+
+
+def recipe_of(record: RunRecord) -> str:
+    """The recipe the run used (the choice ``auto`` made, when the summary says)."""
+    chosen = ((record.summary or {}).get("recipe") or {}).get("chosen")
+    return str(chosen or record.config.get("recipe", "?"))
+
+
+def glance_rows(record: RunRecord) -> list[tuple[str, Any]]:
+    """The key facts of the run, as (name, value) pairs."""
+    config, summary = record.config, record.summary or {}
+    reason = (summary.get("recipe") or {}).get("reason")
+    rows: list[tuple[str, Any]] = [
+        ("final mean accuracy", summary.get("accuracy")),
+        ("measured after round", summary.get("accuracy_round")),
+        ("rounds completed", summary.get("rounds_completed", record.rounds[-1] if record.rounds else 0)),
+        ("sites", len(record.sites)),
+        ("recipe", recipe_of(record) + (f" ({reason})" if reason else "")),
+        ("dataset", config.get("dataset")),
+        ("model", config.get("model")),
+        (
+            "differential privacy",
+            f"yes: budget epsilon {config.get('target-epsilon')} per site, delta {config.get('delta')}"
+            if record.dp
+            else "no",
+        ),
+    ]
+    if config.get("stream", "none") != "none":
+        rows.append(
+            (
+                "stream",
+                f"{config.get('stream')} by {config.get('stream-by')}, {config.get('num-experiences')} experiences",
+            )
+        )
+        scores = record.continual_scores()
+        for key, name in (("average_accuracy", "average accuracy"), ("forgetting", "forgetting"), ("bwt", "BWT")):
+            rows.append((name, scores.get(key)))
+    if summary.get("wall_seconds") is not None:
+        rows.append(("wall time (s)", round(float(summary["wall_seconds"]), 1)))
+    if summary.get("resumed_from_round"):
+        rows.append(("resumed after round", summary["resumed_from_round"]))
+    return rows
+
+
+def released_by_recipe(record: RunRecord) -> str:
+    """What each site sent in words, for the recipe the run used."""
+    config = record.config
+    if recipe_of(record) == "ncm":
+        released = (
+            "once per experience, the sum of its training records' features for each class, each record scaled to "
+            "norm at most 1 and Gaussian noise added to the sums by the site (the Gaussian mechanism)"
+        )
+    else:
+        released = (
+            "in every round, the update of the shared model it trained: the small classifier head in probe rounds, "
+            "the LoRA adapters and the head in LoRA rounds, trained with DP-SGD (each record's gradient clipped to "
+            f"norm {config.get('max-grad-norm')}, Gaussian noise added to every step's sum)"
+        )
+    if float(config.get("ewc-lambda") or 0) > 0:
+        released += "; its EWC importance estimates go through the same noised gradients"
+    return released
+
+
+def privacy_statement(record: RunRecord) -> list[str]:
+    """The privacy section: what was promised, to whom, what left each site, and each site's budget."""
+    if not record.dp:
+        return [
+            '<div class="box warn"><b>This run used no differential privacy.</b> The sites sent their updates '
+            "without noise, so nothing in this run is private in the sense of a privacy budget: its numbers are a "
+            "non-private reference and must not be presented as private results.</div>"
+        ]
+    privacy = (record.summary or {}).get("privacy") or {}
+    target, delta = record.config.get("target-epsilon"), record.config.get("delta")
+    spent = record.final_epsilon()
+    worst = max(spent.values()) if spent else None
+    stopped = sorted(site for site, entry in privacy.items() if entry.get("stopped_for_budget"))
+    lines = [
+        '<div class="box"><p><b>In plain words.</b> Each site kept its records on its own machine and trained '
+        "there. What left a site was noised by the site itself before it left, so that no one who sees everything "
+        "a site sent (the coordinating server included) can tell with confidence whether any one training record "
+        f"was in that site's data. The strength of that promise is the site's <i>epsilon</i> (smaller is "
+        f"stronger), at a failure probability <i>delta</i> of {esc(delta)}. The budget was epsilon {esc(target)} "
+        f"per site; the largest any site reached is {esc(number(worst))}.</p>",
+        f"<p><b>What each site released:</b> {esc(released_by_recipe(record))}. <b>Sent without noise, and declared "
+        "public:</b> the accuracy of the global model on the site's held-out test records (and its counts), the "
+        "site's record count and the run's label names.</p>",
+        "<p><b>One record</b> is one row of a site's training file: a patient with several rows is protected as "
+        "several records (a weaker promise per patient). <b>Who is trusted:</b> each site's own machine and "
+        "operator. <b>Not trusted:</b> the server and the other sites. The epsilon below covers each site's whole "
+        "life in its state folder (earlier runs and restarts included), as its own ledger counts it (an RDP "
+        "privacy filter; Opacus' RDP analysis).</p>",
+    ]
+    if stopped:
+        lines.append(
+            f"<p><b>Stopped for their budget:</b> {esc(', '.join(stopped))} (they trained no further once it was spent).</p>"
+        )
+    lines.append("</div>")
+    rows = [
+        (
+            site,
+            entry.get("epsilon"),
+            entry.get("target_epsilon"),
+            entry.get("delta"),
+            entry.get("steps"),
+            entry.get("noise_multiplier"),
+            entry.get("sample_rate"),
+            entry.get("max_grad_norm"),
+            bool(entry.get("stopped_for_budget")),
+        )
+        for site, entry in sorted(privacy.items())
+    ]
+    if rows:
+        lines.append(
+            table(
+                [
+                    "site",
+                    "epsilon spent",
+                    "budget",
+                    "delta",
+                    "DP steps",
+                    "noise multiplier",
+                    "sample rate",
+                    "clip norm",
+                    "stopped for budget",
+                ],
+                rows,
+            )
+        )
+    return lines
+
+
+def site_table(record: RunRecord) -> str:
+    """Each site's final accuracy, record counts and epsilon."""
+    per_site = (record.summary or {}).get("per_site") or {}
+    epsilon = record.final_epsilon()
+    last = {}
+    for row in record.site_rows:
+        last[row["site"]] = row
+    rows = [
+        (
+            site,
+            (per_site.get(site) or {}).get("accuracy", last.get(site, {}).get("accuracy")),
+            last.get(site, {}).get("train_examples"),
+            last.get(site, {}).get("test_examples"),
+            epsilon.get(site),
+        )
+        for site in record.sites
+    ]
+    return table(["site", "final accuracy", "training records", "test records", "epsilon"], rows)
+
+
+def problems_section(record: RunRecord) -> str:
+    """A table of every round in which a site did not train, or 'none'."""
+    problems = record.problems()
+    if not problems:
+        return "<p>None: every site trained in every round.</p>"
+    rows = [(p["round"], p["site"], p["status"], p["reason"]) for p in problems[:MAX_PROBLEM_ROWS]]
+    more = len(problems) - len(rows)
+    note = f"<p>... and {more} more (metrics.jsonl has them all).</p>" if more > 0 else ""
+    return table(["round", "site", "what happened", "reason"], rows) + note
+
+
+def configuration_section(record: RunRecord) -> str:
+    """The run configuration (every key), folded."""
+    rows = [
+        (key, json.dumps(value) if not isinstance(value, str) else value)
+        for key, value in sorted(record.config.items())
+    ]
+    return (
+        "<details><summary>Every run-config key this run used (config.json)</summary>"
+        + table(["key", "value"], rows)
+        + "</details>"
+    )
