@@ -161,12 +161,8 @@ def glance_rows(record: RunRecord) -> list[tuple[str, Any]]:
         ),
     ]
     if config.get("stream", "none") != "none":
-        rows.append(
-            (
-                "stream",
-                f"{config.get('stream')} by {config.get('stream-by')}, {config.get('num-experiences')} experiences",
-            )
-        )
+        plan = ((summary.get("continual") or {}).get("plan") or {}).get("members") or record.accuracy_matrix()
+        rows.append(("stream", f"{config.get('stream')} by {config.get('stream-by')}, {len(plan)} experiences"))
         scores = record.continual_scores()
         for key, name in (("average_accuracy", "average accuracy"), ("forgetting", "forgetting"), ("bwt", "BWT")):
             rows.append((name, scores.get(key)))
