@@ -69,6 +69,7 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     min_replies: int = 0  # fewest site replies a round needs to count; 0: every one of num-sites
     max_failed_rounds: int = 3  # failed rounds in a row after which the run stops with a non-zero status
+    tensorboard: bool = False  # also write TensorBoard event files, round by round, to <run-dir>/tensorboard/
     resume: str = ""  # a run directory whose checkpoint this run continues (server side); empty: a fresh run
     site_nodes: str = (
         ""  # "site-a=NODE_ID,site-b=NODE_ID": each site's registered node (deployment); empty: first claim binds

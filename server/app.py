@@ -1,9 +1,12 @@
 """The ServerApp: rounds of federated training and evaluation, the checkpoint, and the run report.
 
 It knows no training details: it parses the run config, runs the strategy's
-round loop, writes one metrics row per site per round, checkpoints the
-server's whole state after every round (``server/checkpoint.py``) and, at the
-end, exports the global adapter in PEFT format with a summary.json beside it.
+round loop, writes one metrics row per site per round, logs one progress
+line per round (``server/progress.py``), checkpoints the server's whole state
+after every round (``server/checkpoint.py``) and, at the end, exports the
+global adapter in PEFT format with a summary.json beside it and writes the
+report page (``server/report_page.py``). ``tensorboard = true`` also writes
+TensorBoard event files as the rounds go (``server/tensorboard_log.py``).
 
 A round short of ``min-replies`` usable replies is failed (the strategy
 leaves the model as it was); ``max-failed-rounds`` of them in a row stop the
@@ -35,9 +38,11 @@ from server.checkpoint import Checkpoint, open_resume, save_checkpoint, training
 from server.continual_run import ContinualRun
 from server.privacy_report import PrivacyWatch
 from server.progress import RunProgress, where_in_run
+from server.report_page import write_report
 from server.round_guard import FAILED, RoundGuard, RunFailed
 from server.run_report import RunReport
 from server.strategy_setup import aggregation_summary, build_strategy, restore_strategy_state
+from server.tensorboard_log import TensorBoardLog
 from strategies.site_strategy import SiteStrategy, aggregator_state
 
 app = ServerApp()
@@ -121,6 +126,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         total_rounds,
         where_in_run(schedule(first_round)),
     )
+    board = TensorBoardLog(run_dir) if config.tensorboard else None
     started = {"round": time.time()}
 
     def on_round_end(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
@@ -138,9 +144,13 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             failure=failure,
             unusable=strategy.round_unusable.get(server_round),
         )
+        if board is not None:
+            board.add_round(server_round, rows)
         if continual:  # after an experience's last round: a row of the accuracy matrix (none from a short evaluation)
             measured = [r for r in evaluated if r.status == "evaluated"]
-            continual.on_round_end(server_round, measured if len(measured) >= strategy.required_replies else [])
+            row = continual.on_round_end(server_round, measured if len(measured) >= strategy.required_replies else [])
+            if row is not None and board is not None:
+                board.add_experience(row)
         stop = guard.record(server_round, failure, server_round in strategy.updated_rounds)
         save_checkpoint(
             run_dir,
@@ -179,9 +189,14 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         stopped = str(err)
     except Exception as err:  # write what is known, then let Flower record the failure
         write_summary(config, report, strategy, guard, watch, continual, checkpoint, f"the server failed: {err!r}")
+        publish_report(run_dir)
         raise
+    finally:
+        if board is not None:
+            board.close()
     status, reason = guard.verdict(stopped)
     summary = write_summary(config, report, strategy, guard, watch, continual, checkpoint, reason)
+    publish_report(run_dir)
     if status == FAILED:
         log(ERROR, "fedcl: the run failed: %s; report in %s", reason, run_dir / "summary.json")
         raise RunFailed(str(reason))
@@ -220,6 +235,20 @@ def write_summary(
             "continual": continual.summary() if continual else None,
         },
     )
+
+
+def publish_report(run_dir: Path) -> None:
+    """Write the run's report page and figures (``server/report_page.py``); a failure is logged, never raised.
+
+    The run's results are already safe in summary.json and metrics.jsonl;
+    ``fedcl report RUN_DIR`` writes the page again.
+    """
+    try:
+        page = write_report(run_dir)
+    except Exception as err:  # a report is a view of files already written: it must not fail a finished run
+        log(ERROR, "fedcl: the report page could not be written (%r); `fedcl report %s` tries again", err, run_dir)
+        return
+    log(INFO, "fedcl: report %s", page)
 
 
 def server_state(

@@ -38,7 +38,9 @@ GLOBAL_FILE = "global.npz"
 RESUME_FILE = "resume.npz"
 FORMAT_VERSION = 1
 # Operational keys: where and how patiently the run goes on, not what it trains.
-RESUME_FREE_KEYS = frozenset({"resume", "output-dir", "round-timeout", "min-replies", "max-failed-rounds"})
+RESUME_FREE_KEYS = frozenset(
+    {"resume", "output-dir", "round-timeout", "min-replies", "max-failed-rounds", "tensorboard"}
+)
 _GLOBAL, _STRATEGY, _STATE = "global/", "strategy/", "state.json"
 
 Arrays = dict[str, np.ndarray]

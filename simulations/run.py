@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -219,6 +220,31 @@ def _log_tail(log_path: Path, lines: int = 25) -> str:
         return "(no log was written)"
 
 
+# The ServerApp's lines the launcher has already said, or says better itself at the end; and one line per site
+# (with 1,000 sites, 1,000 lines) that matters in a deployment, not in a simulation. All stay in flower.log.
+REPEATED_SERVER_LINES = ("run directory ", "recipe ", "final mean accuracy ", "report ")
+NOISY_SERVER_LINE = re.compile(r"^site '.*' bound to node \d+$")
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def terminal_line(line: str) -> str | None:
+    """What the terminal shows of one line of Flower's output, or None to show nothing (it stays in flower.log).
+
+    Shown: every ``fedcl:`` line (the ServerApp's progress line per round,
+    the sites' own notes, warnings and errors), less the prefix, except the
+    repeated and per-site ones above; any other ERROR or Traceback line whole.
+    """
+    text = ANSI_COLOUR.sub("", line.rstrip())
+    if "fedcl: " in text:
+        said = text.split("fedcl: ", 1)[1]
+        if said.startswith(REPEATED_SERVER_LINES) or NOISY_SERVER_LINE.match(said):
+            return None
+        return said
+    if "ERROR" in text or "Traceback" in text:
+        return text
+    return None
+
+
 def stop_local_superlink(flwr_home: Path) -> None:
     """Stop the detached SuperLink that `flwr run` started under this FLWR_HOME."""
     import psutil
@@ -275,8 +301,9 @@ def run_simulation(
             )
             for line in proc.stdout or []:
                 log.write(line)
-                if not quiet and ("fedcl:" in line or "ERROR" in line or "Traceback" in line):
-                    print(line.rstrip().split("fedcl: ", 1)[-1], flush=True)
+                shown = terminal_line(line)
+                if not quiet and shown is not None:
+                    print(shown, flush=True)
             proc.wait()
     finally:
         stop_local_superlink(flwr_home)
@@ -356,9 +383,15 @@ def main(argv: list[str] | None = None) -> int:
         reason = summary.get("failure_reason") or "see the log"
         print(f"fedcl: error: the run failed: {reason}; report {run_dir / 'summary.json'}", file=sys.stderr)
         return 1
+    page = run_dir / "report" / "index.html"
+    accuracy = "none (nothing was evaluated)" if summary.get("accuracy") is None else f"{summary['accuracy']:.3f}"
     print(
-        f"fedcl: done in {time.time() - started:.0f} s: final mean accuracy {summary['accuracy']:.3f}; "
-        f"report {run_dir / 'summary.json'}",
+        f"fedcl: done in {time.time() - started:.0f} s: final mean accuracy {accuracy}; "
+        + (
+            f"report {page} (figures and the privacy statement; summary.json and metrics.jsonl beside it)"
+            if page.exists()
+            else f"report {run_dir / 'summary.json'} (no report page: `fedcl report {run_dir}` writes it)"
+        ),
         flush=True,
     )
     return 0

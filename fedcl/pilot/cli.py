@@ -1,4 +1,4 @@
-"""The `fedcl` command: certificates, site keys, the SuperLink, the sites, runs, and a one-machine proof of concept.
+"""The `fedcl` command: certificates, site keys, the SuperLink, the sites, runs, a one-machine proof of concept, reports.
 
 Every subcommand checks its inputs first and stops with one line naming the
 fix (exit code 2); a process or run that fails exits 1. TLS and SuperNode
@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="fedcl",
-        description="Run a fedcl pilot across sites: certificates, site keys, the SuperLink, the sites, runs.",
+        description="Run a fedcl pilot across sites: certificates, site keys, the SuperLink, the sites, runs; "
+        "and look at what a run did (report, compare).",
         formatter_class=formatter,
         epilog="Order of a pilot: pki init -> site keys (each site) -> superlink start -> site register (each site) "
         "-> site start (each site) -> run submit. `fedcl poc` does all of it on one machine.",
@@ -266,7 +267,41 @@ def build_parser() -> argparse.ArgumentParser:
     poc.add_argument("--force", action="store_true", help="replace certificates, keys and data copies in --workdir")
     poc.add_argument("--stream", action="store_true", help="show the run's log while it runs")
     poc.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
+
+    report = commands.add_parser(
+        "report", help="write a run's report page and figures", description=REPORT_HELP, formatter_class=formatter
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory a run printed")
+    compare = commands.add_parser(
+        "compare", help="compare runs: one table, overlaid curves", description=COMPARE_HELP, formatter_class=formatter
+    )
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    compare.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: ./comparison-<date>-<time>)")
     return parser
+
+
+REPORT_HELP = """\
+Write (again) a run's report from its run directory alone: RUN_DIR/report/index.html
+with PNG figures (accuracy per site, epsilon per site against the budget, the
+continual accuracy matrix, bytes per round), a privacy statement in plain words,
+each site's numbers, every round a site did not train, and the configuration.
+Every run writes it when it ends; this command redraws it (after an interrupted
+run, or on another machine with a copy of the folder).
+
+example:
+  fedcl report runs/20261129-162853
+  python -m fedcl report runs/20261129-162853
+"""
+
+COMPARE_HELP = """\
+Compare runs: one table (final accuracy, largest epsilon, continual scores,
+rounds, time, traffic) printed and written as comparison.md and comparison.json,
+plus each run's mean accuracy and largest epsilon over rounds overlaid, in
+--out (index.html shows it all).
+
+example:
+  fedcl compare runs/bench_continual/medquad-naive runs/bench_continual/medquad-ncm --out runs/compare-medquad
+"""
 
 
 def pki_init(args: argparse.Namespace, out: TextIO) -> int:
@@ -450,6 +485,33 @@ def poc(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if result.outcome.completed else EXIT_FAILED
 
 
+def report(args: argparse.Namespace, out: TextIO) -> int:
+    """``fedcl report``."""
+    from server.report_page import write_report
+    from server.run_record import NotARunDirectory
+
+    try:
+        page = write_report(args.run_dir)
+    except NotARunDirectory as err:
+        raise PilotError(str(err)) from None
+    out.write(f"fedcl: report {page} (open it in a browser; the PNG figures are beside it)\n")
+    return EXIT_OK
+
+
+def compare(args: argparse.Namespace, out: TextIO) -> int:
+    """``fedcl compare``."""
+    from server.run_comparison import compare_runs
+
+    folder = args.out or Path(f"comparison-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        done = compare_runs(args.run_dirs, folder)
+    except ValueError as err:  # NotARunDirectory included
+        raise PilotError(str(err)) from None
+    out.write(done.markdown)
+    out.write(f"fedcl: comparison in {done.folder / 'index.html'} (table: comparison.md, curves: accuracy.png)\n")
+    return EXIT_OK
+
+
 HANDLERS = {
     ("pki", "init"): pki_init,
     ("site", "keys"): site_keys,
@@ -458,6 +520,8 @@ HANDLERS = {
     ("superlink", "start"): superlink_start,
     ("run", "submit"): run_submit,
     ("poc", None): poc,
+    ("report", None): report,
+    ("compare", None): compare,
 }
 
 
