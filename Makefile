@@ -1,12 +1,12 @@
 # Two commands do all set-up on a fresh machine:
-#   make run   - create .venv if missing, run the default simulation, print where the report is
-#   make test  - create .venv if missing, run the test suite
+#   make run   - create .venv if missing, run the default simulation, print where the report page is
+#   make test  - create .venv if missing (and, as root, Debian's headless Chromium), run the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedcl-installed
 
-.PHONY: run test test-fast lint format venv clean
+.PHONY: run test test-fast lint format venv clean browser
 
 venv: $(STAMP)
 
@@ -22,7 +22,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m simulations.run $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
 
-test: $(STAMP)
+# The report's screenshot test opens the page in a real headless Chromium (Debian's chromium-headless-shell,
+# ~10 s to install); as root it is installed here, otherwise the test is skipped with a note.
+browser:
+	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium-headless-shell >/dev/null) || echo "note: chromium-headless-shell did not install"; \
+	else echo "note: no headless Chromium (apt-get install chromium-headless-shell): the screenshot test is skipped"; fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
