@@ -38,6 +38,22 @@ def encode(tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int
     return Encoded(inputs, torch.as_tensor(labels, dtype=torch.long))
 
 
+def count_longer(tokenizer: Any, texts: list[str], max_length: int) -> int:
+    """How many of ``texts`` are longer than ``max_length`` tokens, special tokens included: the ones :func:`encode` cuts.
+
+    Tokenises once more, with room for one token past ``max_length`` and no
+    padding: a text that fills that room would be cut. The count depends on
+    the site's records: keep it in the site's own log, never in a reply.
+    Raises ValueError for a ``max_length`` below 1.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length {max_length!r}: use the run config's max-length, a whole number >= 1")
+    if not texts:
+        return 0
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length + 1, padding=False)["input_ids"]
+    return sum(len(row) > max_length for row in ids)
+
+
 @dataclass(frozen=True)
 class TrainOutcome:
     """What a round of local training reports."""

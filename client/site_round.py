@@ -29,10 +29,11 @@ A plain run is a stream with one experience: the same pipeline.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -134,6 +135,29 @@ class SitePlan:
         )
         reads = self.groups_read(experience, replay=self.replay_probability > 0)
         return sgd_mechanism(sigma, batch, self.pool_size(experience), steps, clip, reads)
+
+    def full_batch_note(self, phase: str, experience: int) -> str:
+        """A site-local notice when ``phase``'s batch is larger than its pool (sample rate clamped to 1.0), else "".
+
+        Depends on public sizes only, but it goes to the site's own log, never
+        into a reply.
+        """
+        if phase not in (PROBE, LORA):
+            return ""
+        config = self.runtime.config
+        key, batch = (
+            ("probe-batch-size", config.probe_batch_size) if phase == PROBE else ("batch-size", config.batch_size)
+        )
+        pool = self.pool_size(experience)
+        if batch <= pool:
+            return ""
+        where = f" in experience {experience}" if self.experiences > 1 else ""
+        return (
+            f"fedcl: {self.runtime.data.name}: {key} = {batch} is larger than the {pool:.0f} records its {phase} "
+            f"steps sample from{where} (public size), so every step reads every record (sample rate 1.0 instead of "
+            f"{batch} / {pool:.0f}); the pricing is exact (full-batch Gaussian steps), only without amplification by "
+            f"sampling: fine for a small site, or set {key} below the record count"
+        )
 
     def importance_mechanism(self, experience: int, sigma: float, clip: float) -> SgdMechanism:
         """The EWC importance estimate on the records of ``experience`` (the one just finished)."""
@@ -250,6 +274,12 @@ def site_round(
         return result
 
 
+@functools.lru_cache(maxsize=256)
+def say_once(message: str) -> None:
+    """Log ``message`` at WARNING the first time this process is asked to (a site-local notice, never sent)."""
+    log(WARNING, message)
+
+
 def _replayed_round(state: SiteState, run_id: int | None, server_round: int) -> str:
     """The reason to refuse a round this run already trained (or an earlier one), else an empty string."""
     path = state.last_round
@@ -291,6 +321,9 @@ def _run(
     else:
         sigma = 0.0
     main = plan.phase_mechanism(phase, experience, sigma, clip)
+    note = plan.full_batch_note(phase, experience) if policy.dp else ""
+    if note:  # once per process: the site's own log, never the reply
+        say_once(note)
     importance = plan.importance_mechanism(pending, sigma, clip) if pending is not None else None
     mechanisms = [m for m in (importance, main) if m is not None]
     if not budget.can_afford(mechanisms):

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from logging import WARNING
 from typing import Any
 
 import torch
+from flwr.common.logger import log
 
 from client.device import site_device
-from client.local_training import Encoded, encode
+from client.local_training import Encoded, count_longer, encode
 from client.site_data import SiteFiles, SiteRecords, load_site_records, site_files
 from fedcl.model_factory import AdapterModel, load_adapter_model
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
@@ -58,6 +60,27 @@ def stream_keys(records: SiteRecords, config: RunConfig) -> list[str]:
     return [config.label_names[label] for label in records.labels.tolist()]
 
 
+def truncation_note(site: str, max_length: int, train: tuple[int, int], test: tuple[int, int]) -> str:
+    """The site-local line saying how many texts ``max_length`` cuts; "" when none is cut.
+
+    ``train`` and ``test`` are ``(texts cut, texts)`` of each split. The
+    counts depend on the site's records: the line goes to the site's own log
+    only (the simulation launcher shows its ``fedcl:`` lines), never into a
+    reply. Raises ValueError for a count outside ``0 .. texts``.
+    """
+    for cut, total in (train, test):
+        if not 0 <= cut <= total:
+            raise ValueError(f"{cut} of {total} texts cut: pass (texts cut, texts) with 0 <= cut <= texts")
+    parts = [f"{cut} of {total} {what} texts" for (cut, total), what in ((train, "training"), (test, "test")) if cut]
+    if not parts:
+        return ""
+    verbs = ("is", "was") if train[0] + test[0] == 1 else ("are", "were")
+    return (
+        f"fedcl: {site}: {' and '.join(parts)} {verbs[0]} longer than max-length {max_length} tokens and {verbs[1]} "
+        "cut to it (raise max-length to keep more; longer is slower)"
+    )
+
+
 def site_data(config: RunConfig, files: SiteFiles, tokenizer: Any) -> SiteData:
     """This site's records, checked against the public label set and tokenised (cached per process).
 
@@ -78,6 +101,14 @@ def site_data(config: RunConfig, files: SiteFiles, tokenizer: Any) -> SiteData:
     )
     if key not in _ENCODED:
         train, test = load_site_records(files, config)
+        note = truncation_note(
+            files.site_name,
+            config.max_length,
+            (count_longer(tokenizer, train.texts, config.max_length), len(train.texts)),
+            (count_longer(tokenizer, test.texts, config.max_length), len(test.texts)),
+        )
+        if note:  # once per site and process, where the records are tokenised: the site's own log, never a reply
+            log(WARNING, note)
         _ENCODED[key] = SiteData(
             name=files.site_name,
             index=files.index,

@@ -247,3 +247,60 @@ def test_importing_the_ledger_has_no_side_effects() -> None:
         "assert dict(os.environ) == env, 'environment changed'\n"
     )
     subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=120, env={**os.environ})
+
+
+def full_batch_epsilon(sigma: float, steps: int, delta: float) -> float:
+    """The exact epsilon of ``steps`` full-batch Gaussian steps: one Gaussian release at ``sigma / sqrt(steps)``.
+
+    At sample rate 1 every step reads every record, so the steps compose into
+    one Gaussian mechanism (Balle & Wang 2018, Theorem 8); bisect its delta curve.
+    """
+    from client.gaussian_release import gaussian_delta
+
+    low, high = 0.0, 200.0
+    while high - low > 1e-9:
+        middle = (low + high) / 2
+        low, high = (middle, high) if gaussian_delta(sigma / math.sqrt(steps), middle) > delta else (low, middle)
+    return high
+
+
+def test_pricing_at_sample_rate_one_is_silent_and_exact(tmp_path: Path) -> None:
+    """A site smaller than the probe batch prices full-batch steps: no warning, and q = 1's exact figures."""
+    import warnings
+
+    import opacus.accountants  # noqa: F401  (imported before recording: an import may warn on its own)
+
+    from client.mechanisms import sgd_mechanism
+    from client.privacy_ledger import epsilon_at
+    from client.site_budget import open_budget
+    from client.site_policy import site_policy
+    from client.site_state import open_state
+
+    sigma, steps, delta, order = 1.2345, 40, 1e-5, 4.0  # an unusual sigma: no memoised figure hides a warning
+    mechanism = sgd_mechanism(sigma, expected_batch=128, nominal_records=48, steps=steps, max_grad_norm=1.0)
+    assert mechanism.sample_rate == 1.0 and mechanism.expected_batch_size == 48.0  # clamped: 128 > 48 records
+    policy = site_policy({"state-dir": str(tmp_path / "state")}, environ={})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ledger = PrivacyLedger(8.0, delta)
+        ledger.commit_order(order)
+        filtered = ledger.epsilon_if([mechanism.priced_entry])
+        opacus_rdp = compute_epsilon([mechanism.ledger_entry], delta, "rdp")
+        opacus_prv = compute_epsilon([mechanism.ledger_entry], delta, "prv")
+        calibrated = calibrate_noise_multiplier(8.0, delta, 1.0, steps, "prv")
+        with open_budget(open_state(tmp_path / "state"), policy) as budget:  # the site's own pricing path
+            chosen = budget.noise_multiplier([(1.0, steps, None)])
+            full_batch = sgd_mechanism(chosen, 128, 48, steps, 1.0)
+            assert budget.can_afford([full_batch])
+            budget.record(full_batch)
+            spent = budget.facts()["epsilon"]
+    assert [str(w.message) for w in caught] == []
+    # RDP of the Gaussian mechanism at q = 1 is alpha / (2 sigma^2) per step (Mironov 2017), the filter's figure
+    assert filtered == pytest.approx(epsilon_at(steps * order / (2 * sigma**2), order, delta), rel=1e-12)
+    best = min(epsilon_at(steps * a / (2 * sigma**2), a, delta) for a in [1 + x / 10.0 for x in range(1, 100)])
+    assert opacus_rdp <= best + 1e-9  # Opacus' grid holds all these orders, and more
+    assert opacus_prv == pytest.approx(full_batch_epsilon(sigma, steps, delta), abs=0.02)  # PRV's error bound 0.01
+    assert compute_epsilon([(calibrated, 1.0, steps)], delta, "prv") <= 8.0 + 0.02
+    alpha = budget.ledger.filter_order
+    assert spent == pytest.approx(epsilon_at(steps * alpha / (2 * chosen**2), alpha, delta), rel=1e-12)
+    assert 8.0 - 0.05 <= spent <= 8.0  # the whole plan, at sample rate 1, calibrated to the budget
