@@ -1,0 +1,99 @@
+"""The per-round progress line and its time estimate, against rows and timings written by hand."""
+
+from server.progress import RunProgress, clock, round_counts, where_in_run
+
+
+def row(site, status="trained", reason="", accuracy=0.5, epsilon=1.0, up=1000, down=2000):
+    return {
+        "site": site,
+        "train_status": status,
+        "train_reason": reason,
+        "accuracy": accuracy,
+        "epsilon": epsilon,
+        "bytes_up": up,
+        "bytes_down": down,
+    }
+
+
+def phases(server_round: int) -> str:
+    return "probe" if server_round <= 3 else "lora"
+
+
+def test_round_counts_sort_each_status_with_its_reason():
+    counts = round_counts(
+        [
+            row("site-0"),
+            row("site-1", "skipped", "privacy budget: spent"),
+            row("site-2", "refused", "replayed round"),
+            row("site-3", "rejected", "norm 50 > 10"),
+            row("site-4", "failed", "ValueError"),
+            row("site-5", "missing", ""),
+        ]
+    )
+    assert (counts.sites, counts.answered, counts.trained) == (6, 5, 1)
+    assert counts.skipped == {"site-1": "privacy budget: spent", "site-2": "replayed round"}
+    assert counts.rejected == {"site-3": "norm 50 > 10"}
+    assert counts.failed == {"site-4": "ValueError", "site-5": "no reply"}
+
+
+def test_the_line_names_skipped_sites_their_reason_and_each_sites_epsilon():
+    progress = RunProgress(total_rounds=5, phase_of=phases, target_epsilon=8.0)
+    rows = [
+        row("site-0", accuracy=0.9, epsilon=7.5),
+        row("site-1", "skipped", "privacy budget: epsilon spent 7.99 of 8.0", accuracy=0.7, epsilon=7.99),
+        row("site-2", "skipped", "privacy budget: epsilon spent 7.99 of 8.0", accuracy=0.8, epsilon=7.99),
+    ]
+    line = progress.round_line(2, "probe", rows, None, 1.25)
+    assert line.startswith("fedcl: round 2/5 (probe) done in 1.2 s; 3 of 3 sites answered: 1 trained, 2 skipped ")
+    assert "(site-1, site-2: privacy budget: epsilon spent 7.99 of 8.0)" in line
+    assert "mean accuracy 0.800 (site-0 0.900, site-1 0.700, site-2 0.800)" in line
+    assert "epsilon of 8: site-0 7.50, site-1 7.99, site-2 7.99" in line
+    assert "0.00 MB up, 0.01 MB down" in line
+
+
+def test_without_dp_there_is_no_epsilon_and_a_failed_round_says_so():
+    progress = RunProgress(total_rounds=2, phase_of=phases, target_epsilon=None)
+    line = progress.round_line(1, "probe", [row("site-0", "missing", accuracy=None)], "1 usable reply of 2", 3.0)
+    assert "round 1/2 (probe) FAILED (1 usable reply of 2) done in 3.0 s" in line
+    assert "0 of 1 sites answered: 0 trained, 1 failed (site-0: no reply)" in line
+    assert "epsilon" not in line and "not evaluated" in line
+
+
+def test_many_sites_are_summarised_as_a_range():
+    progress = RunProgress(total_rounds=1, phase_of=phases, target_epsilon=8.0)
+    rows = [row(f"site-{i}", accuracy=i / 100, epsilon=1 + i / 100) for i in range(40)]
+    line = progress.round_line(1, "probe", rows, None, 1.0)
+    assert "(0.000 .. 0.390 over 40 sites)" in line and "epsilon of 8: 1.00 .. 1.39 over 40 sites" in line
+    assert "site-39" not in line
+
+
+def test_time_left_uses_each_phases_median_leaving_out_the_slow_first_round():
+    progress = RunProgress(total_rounds=5, phase_of=phases, target_epsilon=None)
+    # round 1 (60 s) is the only probe round timed: the estimate uses it
+    assert progress.round_line(1, "probe", [], None, 60).endswith(
+        "elapsed 1 min 00 s, about 2 min 00 s left + lora rounds not timed yet"
+    )
+    # round 2 took 1 s: the first round (model load, embedding) no longer counts
+    assert progress.round_line(2, "probe", [], None, 1).endswith(
+        "elapsed 1 min 01 s, about 1 s left + lora rounds not timed yet"
+    )
+    assert progress.round_line(3, "probe", [], None, 1).endswith(
+        "elapsed 1 min 02 s, time left unknown + lora rounds not timed yet"
+    )
+    assert progress.round_line(4, "lora", [], None, 30).endswith("elapsed 1 min 32 s, about 30 s left")
+    assert progress.round_line(5, "lora", [], None, 30).endswith("elapsed 2 min 02 s")
+
+
+def test_a_resumed_run_leaves_out_its_own_first_round():
+    progress = RunProgress(total_rounds=5, phase_of=phases, target_epsilon=None, first_round=2)
+    progress.round_line(2, "probe", [], None, 50)  # this session's first round: model load and embedding
+    assert progress.typical_seconds("probe") == 50  # the only one timed
+    progress.round_line(3, "probe", [], None, 2)
+    assert progress.typical_seconds("probe") == 2
+
+
+def test_clock_and_where_in_run():
+    assert [clock(s) for s in (5, 65, 3725)] == ["5 s", "1 min 05 s", "1 h 02 min"]
+    assert where_in_run({"phase": "lora"}) == "lora"
+    assert where_in_run({"phase": "probe", "experience": 1, "num-experiences": 3}) == "probe, experience 2 of 3"
+    assert where_in_run({"phase": "probe", "experience": 3, "num-experiences": 3}) == "probe, slot 4 (late sites)"
