@@ -107,9 +107,12 @@ class RunProgress:
         return f", about {clock(known)} left{more}" if known or not untimed else f", time left unknown{more}"
 
     def typical_seconds(self, phase: str) -> float | None:
-        """The median duration of this session's rounds of ``phase``, its first round left out when others exist."""
-        timed = {r: s for r, s in self.seconds.items() if self.phase_of(r) == phase}
-        later = [s for r, s in timed.items() if r != self.first_round] or list(timed.values())
+        """The median duration of this session's rounds of ``phase``, None before one is timed.
+
+        The session's first round is left out: it loads the model and embeds
+        every site's records, and would make the estimate many times too long.
+        """
+        later = [s for r, s in self.seconds.items() if r != self.first_round and self.phase_of(r) == phase]
         return statistics.median(later) if later else None
 
 

@@ -31,11 +31,13 @@ def new_axes(width: float = 7.0, height: float = 3.6):  # -> tuple[matplotlib Fi
     """A figure with one set of axes on the Agg canvas (no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
+    from matplotlib.ticker import MaxNLocator
 
     figure = MplFigure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.grid(True, alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     return figure, axes
 
 
@@ -118,8 +120,10 @@ def epsilon_figure(record: RunRecord, folder: Path) -> Figure | None:
         "Epsilon per site over rounds, against the budget",
         f"Each line is one site's epsilon (at delta {delta}) for everything it has released so far, over its whole "
         "life (earlier runs included), as its own privacy ledger counts it. It only grows. The dashed red line is "
-        "the budget: a site never passes it; a site that reaches it stops training (the run's problems list says "
-        "when). A line that rises steeply early and flattens is normal: the first rounds cost the most.",
+        "the budget: a site never passes it, and one that reaches it stops training (the list of rounds in which a "
+        "site did not train says when). The first value is high because the site's privacy filter prices every "
+        "round at one order fixed for its whole plan; a site whose plan ran to the end finishes at or just under "
+        "the budget.",
     )
 
 

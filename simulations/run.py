@@ -299,11 +299,13 @@ def run_simulation(
             proc = subprocess.Popen(
                 command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
             )
+            said: set[str] = set()  # each site's notes come once per worker process that serves it: say them once
             for line in proc.stdout or []:
                 log.write(line)
                 shown = terminal_line(line)
-                if not quiet and shown is not None:
+                if not quiet and shown is not None and shown not in said:
                     print(shown, flush=True)
+                    said.add(shown)
             proc.wait()
     finally:
         stop_local_superlink(flwr_home)
