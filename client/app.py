@@ -70,6 +70,17 @@ def _site_record(site: str, status: str, reason: str = "") -> ConfigRecord:
     return ConfigRecord({SITE_NAME: site, STATUS: status, REASON: reason})
 
 
+def _internal_failure(msg: Message, context: Context, what: str) -> Message:
+    """The reply of a site whose preparation raised an unexpected error: a fixed reason; the traceback stays here.
+
+    An exception's text may carry values read from the site's files (Flower
+    would send it whole in an error reply), so none of it leaves the site.
+    """
+    site = str(context.node_config.get("site-name", "") or f"node-{context.node_id}")
+    log(ERROR, "%s: the %s failed before it started:\n%s", site, what, traceback.format_exc())
+    return Message(content=RecordDict({SITE_RECORD: _site_record(site, "refused", INTERNAL_ERROR)}), reply_to=msg)
+
+
 def _refusal(msg: Message, context: Context, err: Exception) -> Message:
     """The reply of a site that cannot take part: its data do not fit (details only in its log), or its settings."""
     site = str(context.node_config.get("site-name", "") or f"node-{context.node_id}")
@@ -92,11 +103,13 @@ def train(msg: Message, context: Context) -> Message:
         runtime, policy, state, round_config = _prepare(msg, context)
     except ConfigError as err:  # SiteDataError included
         return _refusal(msg, context, err)
+    except Exception:  # its text may name the site's data (a byte of its file): it stays in the site's log
+        return _internal_failure(msg, context, "round")
     ncm = runtime.config.chosen_recipe == "ncm"
     received = {} if ncm else received_arrays(msg, runtime)
-    if not ncm:
-        install_global(runtime, received)  # decoded; FFA: A from the seeded state
     try:
+        if not ncm:
+            install_global(runtime, received)  # decoded; FFA: A from the seeded state
         with strategy_freezing(runtime):  # FFA: lora_A frozen while training
             result = site_round(runtime, policy, state, round_config, run_id=context.run_id)
     except (ConfigError, LedgerError, SiteBusyError) as err:  # decided by settings and state, not records: may go
@@ -123,6 +136,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         runtime, policy, _, round_config = _prepare(msg, context)
     except ConfigError as err:
         return _refusal(msg, context, err)
+    except Exception:  # as in train
+        return _internal_failure(msg, context, "evaluation")
     server_round = int(round_config.get(SERVER_ROUND, 1))
     try:
         if runtime.config.chosen_recipe == "ncm":

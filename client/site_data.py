@@ -135,19 +135,27 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         )
     if path.suffix not in SUFFIXES:
         raise SiteDataError(f"{path}: unsupported file type {path.suffix!r}; use .csv (with a header row) or .jsonl")
-    with path.open(newline="", encoding="utf-8") as handle:
-        if path.suffix == ".csv":
-            return list(csv.DictReader(handle))
-        rows = []
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise SiteDataError(
-                        f"{path}, line {number}: not JSON ({err.msg}); one JSON object per line"
-                    ) from err
-        return rows
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            if path.suffix == ".csv":
+                return list(csv.DictReader(handle))
+            rows = []
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise SiteDataError(
+                            f"{path}, line {number}: not JSON ({err.msg}); one JSON object per line"
+                        ) from err
+            return rows
+    except UnicodeDecodeError as err:
+        raise SiteDataError(
+            f"{path}: byte {err.object[err.start]:#04x} at offset {err.start} is not UTF-8; save the file as UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+    except csv.Error as err:  # a field over the csv module's size limit, a NUL byte
+        raise SiteDataError(f"{path}: not a readable CSV ({err}); check its quoting and line endings") from None
 
 
 def records_of(path: Path, files: SiteFiles, label_names: list[str], group_names: list[str] | None) -> SiteRecords:

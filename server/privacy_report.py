@@ -56,18 +56,18 @@ def update_privacy_entries(entries: dict[str, dict], replies: Sequence[SiteReply
             continue  # a refused identity speaks for no site's ledger
         m = reply.metrics
         entry = entries.setdefault(reply.site, {"stopped_for_budget": False})
-        entry.update(
-            {
-                "epsilon": m["epsilon"],
-                "delta": m.get("delta"),
-                "noise_multiplier": m.get("noise-multiplier"),
-                "max_grad_norm": m.get("max-grad-norm"),
-                "steps": m.get("dp-steps-total"),
-                "sample_rate": m.get("sample-rate"),
-                "accountant": "rdp-filter",
-                "target_epsilon": m.get("target-epsilon", target_epsilon),
-            }
-        )
+        entry.update({"epsilon": m["epsilon"], "accountant": "rdp-filter"})
+        # A skip runs no mechanism and so reports no noise, rate or clip: the last trained mechanism's stay.
+        for key, metric in (
+            ("delta", "delta"),
+            ("noise_multiplier", "noise-multiplier"),
+            ("max_grad_norm", "max-grad-norm"),
+            ("steps", "dp-steps-total"),
+            ("sample_rate", "sample-rate"),
+        ):
+            if m.get(metric) is not None or key not in entry:
+                entry[key] = m.get(metric)
+        entry["target_epsilon"] = m.get("target-epsilon", target_epsilon)
         entry["stopped_for_budget"] = entry["stopped_for_budget"] or bool(m.get("stopped-for-budget"))
 
 

@@ -91,11 +91,13 @@ def virtual_sites(config: RunConfig) -> VirtualSites:
 
 
 def write_site_files(sites: VirtualSites, data_root: Path) -> list[Path]:
-    """Write every virtual site's train.csv and test.csv under ``data_root/site-<i>/``; returns the folders."""
+    """Write every virtual site's train.csv and test.csv under ``data_root/site-<i>/`` (folders 0700, files 0600)."""
     folders = []
+    data_root.mkdir(parents=True, exist_ok=True)
+    data_root.chmod(0o700)  # the records' text: readable by the launcher's user only, as a real site would keep it
     for index, split in enumerate(sites.sites):
         folder = data_root / f"site-{index}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for name, rows in (("train.csv", split.train), ("test.csv", split.test)):
             write_records(folder / name, sites.data, rows)
         folders.append(folder)
@@ -103,9 +105,10 @@ def write_site_files(sites: VirtualSites, data_root: Path) -> list[Path]:
 
 
 def write_records(path: Path, data: LabelledTexts, rows: Any) -> None:
-    """Write the given dataset rows as a CSV with columns text, label, group (atomically: a temp file renamed)."""
+    """Write the given dataset rows as a CSV with columns text, label, group (atomically, mode 0600)."""
     partial = path.with_suffix(".partial")
-    with partial.open("w", newline="", encoding="utf-8") as handle:
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # record text: owner only
+    with open(descriptor, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow([COLUMNS["text-column"], COLUMNS["label-column"], COLUMNS["group-column"]])
         for i in rows:

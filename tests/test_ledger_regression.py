@@ -19,3 +19,24 @@ def test_a_site_whose_step_count_drops_is_flagged_in_its_row_and_the_summary():
     assert third[1].metrics["ledger-regression"] == 80 and "ledger-regression" not in third[0].metrics
     flag_step_regressions(4, [reply("b", 60)], last, flagged)  # still below the most it ever reported
     assert [f["round"] for f in flagged] == [3, 4]
+
+
+def test_a_budget_skip_keeps_the_last_trained_mechanisms_settings_in_the_summary():
+    from server.privacy_report import update_privacy_entries
+
+    entries: dict = {}
+    trained = {"epsilon": 7.9, "delta": 1e-5, "noise-multiplier": 3.3, "max-grad-norm": 1.0, "sample-rate": 0.02}
+    update_privacy_entries(entries, [SiteReply("site-0", "trained", metrics={**trained, "dp-steps-total": 800})], 8.0)
+    skipped = {"epsilon": 7.9, "delta": 1e-5, "dp-steps-total": 800, "stopped-for-budget": 1}  # no mechanism ran
+    update_privacy_entries(entries, [SiteReply("site-0", "skipped", metrics=skipped)], 8.0)
+    assert entries["site-0"] == {
+        "epsilon": 7.9,
+        "delta": 1e-5,
+        "noise_multiplier": 3.3,
+        "max_grad_norm": 1.0,
+        "sample_rate": 0.02,
+        "steps": 800,
+        "accountant": "rdp-filter",
+        "target_epsilon": 8.0,
+        "stopped_for_budget": True,
+    }

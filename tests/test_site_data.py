@@ -126,7 +126,7 @@ def test_missing_node_config_keys_name_the_fix():
         site_files({"data-path": "/x.csv"}, config, environ={})
 
 
-@pytest.mark.parametrize("bad", ["label", "column", "empty"])
+@pytest.mark.parametrize("bad", ["label", "column", "empty", "undecodable"])
 def test_a_site_with_a_bad_file_trains_nothing_spends_nothing_and_tells_the_server_no_record(
     tiny_model_dir, tmp_path, bad, task_identity
 ):
@@ -138,6 +138,8 @@ def test_a_site_with_a_bad_file_trains_nothing_spends_nothing_and_tells_the_serv
         rows.append(("secret note", "rare-disease-x"))
     header = ("body", "label") if bad == "column" else ("text", "label")
     path = write_csv(tmp_path / "site" / "records.csv", [] if bad == "empty" else rows, header)
+    if bad == "undecodable":  # a Latin-1 byte: Python's own error text would name it and its offset
+        path.write_bytes(path.read_bytes() + "caf\u00e9 au lait,derm\n".encode("latin-1"))
     state = tmp_path / "state"
     context = Context(
         run_id=1,
@@ -154,9 +156,39 @@ def test_a_site_with_a_bad_file_trains_nothing_spends_nothing_and_tells_the_serv
     reply = train(message, context)
     record = dict(reply.content.config_records[SITE_RECORD])
     assert record["status"] == "refused" and record["site"] == "hospital-a"
-    assert record["reason"] == DATA_ERROR and "rare-disease-x" not in record["reason"]
+    assert record["reason"] == DATA_ERROR and "rare-disease-x" not in record["reason"] and "0xe9" not in str(record)
     assert ARRAYS_RECORD not in reply.content.array_records and METRICS_RECORD not in reply.content.metric_records
     assert not state.exists() or not any(state.iterdir())  # no ledger, no fingerprint: nothing trained or spent
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_an_unexpected_error_before_the_round_sends_a_fixed_reason_not_its_text(
+    tiny_model_dir, tmp_path, monkeypatch, kind, task_identity
+):
+    """Any exception while the site reads its files stays in its log: Flower would send its text to the server."""
+    import client.app as site_app
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("record 17 reads 'patient Jane Doe'")
+
+    monkeypatch.setattr(site_app, "site_runtime", broken)
+    path = write_csv(tmp_path / "site" / "records.csv", site_rows(["cardio", "derm"]))
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-path": str(path), "site-name": "hospital-a", "state-dir": str(tmp_path / "state")},
+        state=RecordDict(),
+        run_config=run_config(tiny_model_dir),
+    )
+    message = Message(
+        content=RecordDict({ARRAYS_RECORD: ArrayRecord(), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN if kind == "train" else MessageType.EVALUATE,
+    )
+    reply = (site_app.train if kind == "train" else site_app.evaluate_global)(message, context)
+    assert not reply.has_error()
+    record = dict(reply.content.config_records[SITE_RECORD])
+    assert record == {"site": "hospital-a", "status": "refused", "reason": site_app.INTERNAL_ERROR}
 
 
 def test_a_site_that_lacks_a_label_trains_and_its_labels_index_the_shared_head(tiny_model_dir, tmp_path):
@@ -171,3 +203,19 @@ def test_a_site_that_lacks_a_label_trains_and_its_labels_index_the_shared_head(t
     assert runtime.adapter.model.config.num_labels == 4
     held = np.unique(np.concatenate([runtime.data.train.labels.numpy(), runtime.data.test.labels.numpy()]))
     assert held.tolist() == [2, 3]
+
+
+def test_the_launchers_copies_of_record_text_are_readable_by_their_owner_only(tmp_path):
+    import stat
+
+    from fedcl.run_config import parse_run_config
+    from simulations.run import pyproject_defaults
+    from simulations.site_files import virtual_sites, write_site_files
+
+    config = parse_run_config({**pyproject_defaults(), "max-train-examples": 10, "max-test-examples": 5})
+    root = tmp_path / "site-data"
+    write_site_files(virtual_sites(config), root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    files = sorted(root.rglob("*.csv"))
+    assert len(files) == 2 * config.num_sites and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
+    assert {stat.S_IMODE(f.parent.stat().st_mode) for f in files} == {0o700}
