@@ -313,7 +313,7 @@ class SiteStrategy(Strategy):
             if reply.site in norms:
                 reply.metrics["update-norm"] = float(norms[reply.site])
             if reply.site in clipped:
-                reply.metrics["clipped"] = 1
+                reply.metrics["update-clipped"] = 1  # this site's flag; the row's "clipped" is the round's count
         for rejection in getattr(self.aggregator, "last_rejections", []):
             # A site's second reply in one round is the one rejected first: mark the last unmarked one.
             match = [r for _, r in pending if r.site == rejection.site and r.status == "trained"]

@@ -139,3 +139,21 @@ def test_tensorboard_scalars_read_back_equal_the_rows(tmp_path):
     assert [e.value for e in events.Scalars("epsilon/site-1")] == pytest.approx([0.4, 0.8, 1.2])
     assert [e.value for e in events.Scalars("bytes/down")] == [400, 400, 400]
     assert [(e.step, e.value) for e in events.Scalars("continual/bwt")] == [(3, pytest.approx(-0.1))]
+
+
+def test_a_clipped_sites_row_keeps_the_rounds_clipped_count(tmp_path):
+    from server.run_report import RunReport
+    from strategies.site_strategy import SiteReply
+
+    report = RunReport(tmp_path, {"dp": True})
+    replies = [
+        SiteReply("site-0", "trained", metrics={"update-clipped": 1}),
+        SiteReply("site-1", "trained", metrics={"update-clipped": 1}),
+        SiteReply("site-2", "trained", metrics={}),
+    ]
+    rows = report.add_round(1, replies, [], 0, 0, extra={"clipped": 2, "rejected": 0})
+    assert [(r["site"], r["clipped"], r.get("update_clipped")) for r in rows] == [
+        ("site-0", 2, 1),
+        ("site-1", 2, 1),
+        ("site-2", 2, None),
+    ]
