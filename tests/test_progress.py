@@ -97,3 +97,16 @@ def test_clock_and_where_in_run():
     assert where_in_run({"phase": "lora"}) == "lora"
     assert where_in_run({"phase": "probe", "experience": 1, "num-experiences": 3}) == "probe, experience 2 of 3"
     assert where_in_run({"phase": "probe", "experience": 3, "num-experiences": 3}) == "probe, slot 4 (late sites)"
+
+
+def test_a_deployment_shows_only_the_serverapps_fedcl_lines_by_default():
+    import io
+
+    from fedcl.pilot.runs import ProgressLines
+
+    out = io.StringIO()
+    sink = ProgressLines(out)
+    sink.write("[run 7] INFO :      [ROUND 2/21]\n")
+    sink.write("[run 7] INFO :      fedcl: round 2/21 (probe) done in 0.5 s; 3 of 3 sites answered: 3 trained\n")
+    sink.write("[run 7] INFO :      round 2: evaluate messages to 3 node(s)\n")
+    assert out.getvalue() == "fedcl: round 2/21 (probe) done in 0.5 s; 3 of 3 sites answered: 3 trained\n"

@@ -241,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_connection(submit)
     submit.add_argument("--run-config", required=True, metavar='"KEY=VALUE ..."', help="run settings (see README)")
-    submit.add_argument("--stream", action="store_true", help="show the run's log while it runs")
+    submit.add_argument(
+        "--stream", action="store_true", help="show Flower's whole log while it runs (default: one line per round)"
+    )
     submit.add_argument("--no-wait", action="store_true", help="print the run id and return at once")
     submit.add_argument(
         "--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the end (default a day)"
@@ -427,7 +429,7 @@ def superlink_start(args: argparse.Namespace, out: TextIO) -> int:
 
 def run_submit(args: argparse.Namespace, out: TextIO) -> int:
     """``fedcl run submit``."""
-    from fedcl.pilot.runs import check_run_config, submit_run, wait_for_run
+    from fedcl.pilot.runs import ProgressLines, check_run_config, submit_run, wait_for_run
 
     connection = connection_from_args(args.superlink, args.root_cert, args.insecure)
     config = check_run_config(args.run_config)
@@ -443,7 +445,12 @@ def run_submit(args: argparse.Namespace, out: TextIO) -> int:
     try:
         with StopOnSignals():
             outcome = wait_for_run(
-                connection, home, run_id, args.timeout, submitted_at=submitted_at, stream=out if args.stream else None
+                connection,
+                home,
+                run_id,
+                args.timeout,
+                submitted_at=submitted_at,
+                stream=out if args.stream else ProgressLines(out),
             )
     except KeyboardInterrupt:
         sys.stderr.write(

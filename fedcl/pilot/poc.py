@@ -34,7 +34,7 @@ from fedcl.pilot.pki import PkiFiles, SiteKeyFiles, init_pki, make_site_keys, pa
 from fedcl.pilot.processes import ManagedProcess, ProcessGroup, StopOnSignals, free_port
 from fedcl.pilot.registration import register_site
 from fedcl.pilot.run_log import RoundTiming, message_spans, round_ends, round_timings
-from fedcl.pilot.runs import RunOutcome, check_run_config, submit_run, wait_for_run
+from fedcl.pilot.runs import ProgressLines, RunOutcome, check_run_config, submit_run, wait_for_run
 from fedcl.pilot.site import start_site
 from fedcl.pilot.site_data import label_values, place_site_data
 from fedcl.pilot.superlink import start_superlink
@@ -260,7 +260,7 @@ class LocalFederation:
             run_id,
             self.plan.timeout,
             submitted_at=self.submitted_at,
-            stream=self.out if self.plan.stream else None,
+            stream=self.out if self.plan.stream else ProgressLines(self.out),  # a line per round at least
             log_path=self.run_log(run_id),
         )
         rounds = round_timings(outcome.log)

@@ -112,6 +112,27 @@ def run_status(connection: Connection, flwr_home: Path, run_id: int) -> dict[str
     return dict(runs[0])
 
 
+class ProgressLines:
+    """A text sink that passes on only the ServerApp's ``fedcl:`` lines (one progress line per round, notes, errors).
+
+    ``fedcl run submit`` and ``fedcl poc`` show these by default; ``--stream``
+    shows Flower's whole log instead.
+    """
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def write(self, text: str) -> int:
+        """Forward ``text`` when it holds a ``fedcl:`` line; returns its length either way."""
+        if "fedcl: " in text:
+            self.out.write("fedcl: " + text.split("fedcl: ", 1)[1])
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush the terminal."""
+        self.out.flush()
+
+
 def follow_log(flwr_home: Path, run_id: int, echo: TextIO | None, log_path: Path | None = None) -> ManagedProcess:
     """Start ``flwr log --stream`` for the run (the ServerApp's log, echoed and/or written to ``log_path``).
 
