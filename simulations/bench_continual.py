@@ -273,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in args.scenarios:
         rows = [r for r in results if r["scenario"] == scenario and "error" not in r]
         print(f"\n{scenario}: {SCENARIOS[scenario]['what']}\n{table(rows)}\ngoals: {goals(rows)}")
+        run_dirs = [r["run_dir"] for r in rows if r.get("run_dir")]
+        if len(run_dirs) >= 2:  # the recipes' curves overlaid, and one page (`fedcl compare`)
+            from server.run_comparison import compare_runs
+
+            compared = compare_runs(run_dirs, out.parent / "bench_continual" / f"{scenario}-comparison")
+            print(f"curves: {compared.folder / 'index.html'}")
     return 0
 
 
