@@ -120,3 +120,22 @@ def forget_process_state() -> None:
         cache.clear()
     phases.forget_cached_features()
     say_once.cache_clear()  # the notices a process gives once
+
+
+TOPIC_WORDS = ["market", "shares", "goal", "match", "vote", "party", "film", "music", "phone", "chip"]  # one token each
+
+
+def write_topic_csv(path: Path, long_every: int = 0, long_words: int = 20) -> Path:
+    """120 records over 5 topics (labels ``topic0``..``topic4``), 6 one-token words each; every ``long_every``-th
+    record (0: none) has ``long_words`` words instead. Seeded: the same file every time."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = ["text,label"]
+    for i in range(120):
+        label = i % 5
+        length = long_words if long_every and i % long_every == 0 else 6
+        words = [TOPIC_WORDS[2 * label + int(rng.integers(2))] for _ in range(length)]
+        lines.append(f"{' '.join(words)},topic{label}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

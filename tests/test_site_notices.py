@@ -15,28 +15,19 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
-from site_helpers import TRAINING_REPLY_KEYS, forget_process_state, site_context, virtual_site
+from site_helpers import TRAINING_REPLY_KEYS, forget_process_state, site_context, virtual_site, write_topic_csv
 
 from client.local_training import count_longer, encode
 from client.site_runtime import truncation_note
 from fedcl.protocol import ARRAYS_RECORD, METRICS_RECORD, SITE_RECORD
 
-WORDS = ["market", "shares", "goal", "match", "vote", "party", "film", "music", "phone", "chip"]  # one token each
 MAX_LENGTH = 16  # tokens, [CLS] and [SEP] included: a text of more than 14 of these words is cut
 
 
 @pytest.fixture()
 def long_and_short_csv(tmp_path: Path) -> Path:
     """120 records over 5 topics; every 7th is 20 words long (22 tokens), the others 6 words (8 tokens)."""
-    rng = np.random.default_rng(0)
-    lines = ["text,label"]
-    for i in range(120):
-        label = i % 5
-        words = [WORDS[2 * label + int(rng.integers(2))] for _ in range(20 if i % 7 == 0 else 6)]
-        lines.append(f"{' '.join(words)},topic{label}")
-    path = tmp_path / "data.csv"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_topic_csv(tmp_path / "data.csv", long_every=7, long_words=20)
 
 
 def run_config(model_dir: Path, dataset: Path, **overrides) -> dict:

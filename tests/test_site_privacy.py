@@ -9,7 +9,6 @@ import shutil
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
@@ -20,6 +19,7 @@ from site_helpers import (
     run_round,
     runtime_of,
     site_context,
+    write_topic_csv,
 )
 
 from client.privacy_ledger import LedgerError, PrivacyLedger
@@ -28,20 +28,10 @@ from client.site_policy import site_policy
 from fedcl.protocol import ARRAYS_RECORD, DP_TRAIN_METRICS, METRICS_RECORD, SITE_RECORD
 from fedcl.run_config import ConfigError
 
-WORDS = ["market", "shares", "goal", "match", "vote", "party", "film", "music", "phone", "chip"]
-
 
 @pytest.fixture()
 def csv_dataset(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    lines = ["text,label"]
-    for i in range(120):
-        label = i % 5
-        words = [WORDS[2 * label + int(rng.integers(2))] for _ in range(6)]
-        lines.append(f"{' '.join(words)},topic{label}")
-    path = tmp_path / "data.csv"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_topic_csv(tmp_path / "data.csv")
 
 
 def run_config(model_dir: Path, dataset: Path, **overrides) -> dict:
