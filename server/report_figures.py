@@ -103,15 +103,19 @@ def accuracy_figure(record: RunRecord, folder: Path) -> Figure | None:
 
 def epsilon_figure(record: RunRecord, folder: Path) -> Figure | None:
     """Epsilon spent per site over rounds, with the budget line."""
-    target = record.target_epsilon
+    budgets = record.site_budgets()
     series = record.per_site("epsilon")
-    if target is None or not any(series.values()):
+    if not budgets or not any(series.values()):
         return None
     figure, axes = new_axes()
     plot_per_site(axes, series)
-    axes.axhline(target, color="crimson", linestyle="--", linewidth=1.5, label=f"budget {target:g}")
+    for budget in sorted(set(budgets.values())):  # sites that set their own budgets get a line each
+        sites = [site for site, value in budgets.items() if value == budget]
+        whose = "" if len(sites) == len(budgets) else f" ({', '.join(sites[:3])}{', ...' if len(sites) > 3 else ''})"
+        axes.axhline(budget, color="crimson", linestyle="--", linewidth=1.5, label=f"budget {budget:g}{whose}")
     mark_experiences(axes, record)
-    axes.set(xlabel="round", ylabel="epsilon spent", ylim=(0, target * 1.1), title="Privacy budget spent by each site")
+    top = max(max(budgets.values()), max((v for points in series.values() for _, v in points), default=0))
+    axes.set(xlabel="round", ylabel="epsilon spent", ylim=(0, top * 1.1), title="Privacy budget spent by each site")
     axes.legend(loc="lower right", fontsize="small", ncols=2)
     save(figure, folder / "epsilon.png")
     delta = record.config.get("delta")

@@ -201,7 +201,13 @@ def privacy_statement(record: RunRecord) -> list[str]:
             "non-private reference and must not be presented as private results.</div>"
         ]
     privacy = (record.summary or {}).get("privacy") or {}
-    target, delta = record.config.get("target-epsilon"), record.config.get("delta")
+    delta = record.config.get("delta")
+    budgets = sorted(set(record.site_budgets().values()))
+    budget = (
+        f"The budget was epsilon {budgets[0]:g} per site"
+        if len(budgets) == 1
+        else "The sites set their own budgets (epsilon " + ", ".join(f"{b:g}" for b in budgets) + ")"
+    )
     spent = record.final_epsilon()
     worst = max(spent.values()) if spent else None
     stopped = sorted(site for site, entry in privacy.items() if entry.get("stopped_for_budget"))
@@ -210,8 +216,8 @@ def privacy_statement(record: RunRecord) -> list[str]:
         "there. What left a site was noised by the site itself before it left, so that no one who sees everything "
         "a site sent (the coordinating server included) can tell with confidence whether any one training record "
         f"was in that site's data. The strength of that promise is the site's <i>epsilon</i> (smaller is "
-        f"stronger), at a failure probability <i>delta</i> of {esc(delta)}. The budget was epsilon {esc(target)} "
-        f"per site; the largest any site reached is {esc(number(worst))}.</p>",
+        f"stronger), at a failure probability <i>delta</i> of {esc(delta)}. {esc(budget)}; the largest "
+        f"any site reached is {esc(number(worst))}.</p>",
         f"<p><b>What each site released:</b> {esc(released_by_recipe(record))}. <b>Sent without noise, and declared "
         "public:</b> the accuracy of the global model on the site's held-out test records (and its counts), the "
         "site's record count and the run's label names.</p>",

@@ -65,6 +65,14 @@ class RunRecord:
         """Each site's budget (the run's default; a real site may set its own), None without DP."""
         return float(self.config["target-epsilon"]) if self.dp and "target-epsilon" in self.config else None
 
+    def site_budgets(self) -> dict[str, float]:
+        """Each site's own budget as it reported it (a real site sets its own), else the run's; empty without DP."""
+        if not self.dp:
+            return {}
+        reported = {site: points[-1][1] for site, points in self.per_site("target_epsilon").items() if points}
+        default = self.target_epsilon
+        return {site: reported.get(site, default) for site in self.sites if site in reported or default is not None}
+
     def per_site(self, key: str) -> dict[str, list[tuple[int, float]]]:
         """Each site's ``(round, value)`` pairs of a numeric row field, rounds without a value left out."""
         series: dict[str, list[tuple[int, float]]] = {site: [] for site in self.sites}

@@ -157,3 +157,11 @@ def test_a_clipped_sites_row_keeps_the_rounds_clipped_count(tmp_path):
         ("site-1", 2, 1),
         ("site-2", 2, None),
     ]
+
+
+def test_sites_with_their_own_budgets_are_reported_each_with_its_own(tmp_path):
+    rows = [site_row(1, "a", 0.5, 2.0, target_epsilon=4.0), site_row(1, "b", 0.6, 3.0, target_epsilon=8.0)]
+    config = {"dp": True, "target-epsilon": 8.0, "delta": 1e-5}
+    page = write_report(write_run(tmp_path / "run", rows, config)).read_text()
+    assert "The sites set their own budgets (epsilon 4, 8); the largest any site reached is 3.000" in page
+    assert read_run(tmp_path / "run").site_budgets() == {"a": 4.0, "b": 8.0}
