@@ -49,7 +49,8 @@ app = ClientApp()
 INTERNAL_ERROR = "internal error at the site; its operator has the details in the site's log"
 DATA_ERROR = (
     "the site's records do not fit the federation (a label or group outside the run config's set, a missing "
-    "column, an empty file); nothing was trained or spent; its operator has the details in the site's log"
+    "column, an empty file, a file that is not UTF-8 or not a readable CSV); nothing was trained or spent; its "
+    "operator has the details in the site's log"
 )
 
 

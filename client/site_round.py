@@ -29,11 +29,10 @@ A plain run is a stream with one experience: the same pipeline.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
 import numpy as np
@@ -274,12 +273,6 @@ def site_round(
         return result
 
 
-@functools.lru_cache(maxsize=256)
-def say_once(message: str) -> None:
-    """Log ``message`` at WARNING the first time this process is asked to (a site-local notice, never sent)."""
-    log(WARNING, message)
-
-
 def _replayed_round(state: SiteState, run_id: int | None, server_round: int) -> str:
     """The reason to refuse a round this run already trained (or an earlier one), else an empty string."""
     path = state.last_round
@@ -323,7 +316,7 @@ def _run(
     main = plan.phase_mechanism(phase, experience, sigma, clip)
     note = plan.full_batch_note(phase, experience) if policy.dp else ""
     if note:  # once per process: the site's own log, never the reply
-        say_once(note)
+        runtime.data.note_once(note)
     importance = plan.importance_mechanism(pending, sigma, clip) if pending is not None else None
     mechanisms = [m for m in (importance, main) if m is not None]
     if not budget.can_afford(mechanisms):

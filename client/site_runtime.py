@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
@@ -38,6 +38,14 @@ class SiteData:
     # which record attribute the keys are values of: "label", or "group:<column>" (the ledger's partition name, so
     # group values read from two different columns are never mistaken for one partition)
     stream_partition: str = "label"
+    # the site-local notices already logged for these records in this process (say each once; never sent)
+    notes_said: set[str] = field(default_factory=set, compare=False, repr=False)
+
+    def note_once(self, message: str) -> None:
+        """Log ``message`` at WARNING in the site's own log the first time this process holds these records."""
+        if message not in self.notes_said:
+            self.notes_said.add(message)
+            log(WARNING, message)
 
 
 @dataclass(frozen=True)

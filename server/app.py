@@ -126,7 +126,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         total_rounds,
         where_in_run(schedule(first_round)),
     )
-    board = TensorBoardLog(run_dir) if config.tensorboard else None
+    board = open_tensorboard(run_dir, first_round) if config.tensorboard else None
     started = {"round": time.time()}
 
     def on_round_end(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
@@ -144,13 +144,12 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             failure=failure,
             unusable=strategy.round_unusable.get(server_round),
         )
-        if board is not None:
-            board.add_round(server_round, rows)
+        experience_row = None
         if continual:  # after an experience's last round: a row of the accuracy matrix (none from a short evaluation)
             measured = [r for r in evaluated if r.status == "evaluated"]
-            row = continual.on_round_end(server_round, measured if len(measured) >= strategy.required_replies else [])
-            if row is not None and board is not None:
-                board.add_experience(row)
+            experience_row = continual.on_round_end(
+                server_round, measured if len(measured) >= strategy.required_replies else []
+            )
         stop = guard.record(server_round, failure, server_round in strategy.updated_rounds)
         save_checkpoint(
             run_dir,
@@ -163,6 +162,8 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
                 config=training_config(config),
             ),
         )
+        if board is not None:  # after the checkpoint: a view must never cost the run its state
+            write_tensorboard(board, server_round, rows, experience_row)
         line = progress.round_line(
             server_round, where_in_run(schedule(server_round)), rows, failure, time.time() - started["round"]
         )
@@ -235,6 +236,27 @@ def write_summary(
             "continual": continual.summary() if continual else None,
         },
     )
+
+
+def open_tensorboard(run_dir: Path, first_round: int) -> TensorBoardLog | None:
+    """The run's TensorBoard writer; None (logged) when its folder cannot be written: the run goes on without it."""
+    try:
+        return TensorBoardLog(run_dir, first_round)
+    except Exception as err:  # an unwritable folder, a broken install: TensorBoard is a view, not the run
+        log(ERROR, "fedcl: tensorboard = true, but its event files cannot be written (%r); the run goes on", err)
+        return None
+
+
+def write_tensorboard(
+    board: TensorBoardLog, server_round: int, rows: list[dict], experience_row: dict[str, Any] | None
+) -> None:
+    """Append the round (and the experience's scores) to the TensorBoard file; a failure is logged, never raised."""
+    try:
+        board.add_round(server_round, rows)
+        if experience_row is not None:
+            board.add_experience(experience_row)
+    except Exception as err:  # disk full, a broken event file: the run and its metrics.jsonl go on
+        log(ERROR, "fedcl: TensorBoard events for round %d not written (%r)", server_round, err)
 
 
 def publish_report(run_dir: Path) -> None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MANY_SITES = 8  # above this, per-site lists become ranges: a line per round must stay readable at 1,000 sites
-SKIP_STATUSES = ("skipped", "refused")
 
 
 @dataclass(frozen=True)
@@ -30,14 +29,15 @@ class RoundCounts:
     sites: int
     answered: int
     trained: int
-    skipped: dict[str, str]  # site -> the reason it gave (skipped for its budget, not started, refused, ...)
+    skipped: dict[str, str]  # site -> the reason it gave (its budget, not started yet, stream finished)
+    refused: dict[str, str]  # site -> why it declined (its records do not fit, its policy, an internal error)
     rejected: dict[str, str]  # site -> why the server rejected its update
     failed: dict[str, str]  # site -> the error it replied with, or "no reply" for a missing site
 
 
 def round_counts(rows: Sequence[Mapping[str, Any]]) -> RoundCounts:
     """Count a round's site rows (``server/run_report.py``) by training status."""
-    skipped, rejected, failed = {}, {}, {}
+    skipped, refused, rejected, failed = {}, {}, {}, {}
     trained = answered = 0
     for row in rows:
         status, reason = row.get("train_status"), str(row.get("train_reason") or "")
@@ -46,13 +46,15 @@ def round_counts(rows: Sequence[Mapping[str, Any]]) -> RoundCounts:
         answered += status != "missing"
         if status == "trained":
             trained += 1
-        elif status in SKIP_STATUSES:
+        elif status == "skipped":
             skipped[row["site"]] = reason or status
+        elif status == "refused":
+            refused[row["site"]] = reason or status
         elif status == "rejected":
             rejected[row["site"]] = reason
         else:  # "failed" (an error reply) or "missing" (no reply in time)
             failed[row["site"]] = reason or ("no reply" if status == "missing" else status)
-    return RoundCounts(len(rows), answered, trained, skipped, rejected, failed)
+    return RoundCounts(len(rows), answered, trained, skipped, refused, rejected, failed)
 
 
 @dataclass
@@ -119,7 +121,12 @@ class RunProgress:
 def describe_counts(counts: RoundCounts) -> str:
     """``3 of 3 sites answered: 2 trained, 1 skipped (site-2: privacy budget: ...)``."""
     text = f"{counts.answered} of {counts.sites} sites answered: {counts.trained} trained"
-    for word, sites in (("skipped", counts.skipped), ("rejected", counts.rejected), ("failed", counts.failed)):
+    for word, sites in (
+        ("skipped", counts.skipped),
+        ("refused", counts.refused),
+        ("rejected", counts.rejected),
+        ("failed", counts.failed),
+    ):
         if sites:
             text += f", {len(sites)} {word} ({name_reasons(sites)})"
     return text

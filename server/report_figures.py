@@ -11,8 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.run_record import RunRecord
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure as MplFigure
 
 MANY_SITES = 12  # above this the per-site lines become a band (min..max) around the mean
 DPI = 110
@@ -27,7 +32,7 @@ class Figure:
     how_to_read: str
 
 
-def new_axes(width: float = 7.0, height: float = 3.6):  # -> tuple[matplotlib Figure, Axes]
+def new_axes(width: float = 7.0, height: float = 3.6) -> tuple[MplFigure, Axes]:
     """A figure with one set of axes on the Agg canvas (no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
@@ -41,23 +46,23 @@ def new_axes(width: float = 7.0, height: float = 3.6):  # -> tuple[matplotlib Fi
     return figure, axes
 
 
-def save(figure, path: Path) -> None:  # matplotlib Figure
+def save(figure: MplFigure, path: Path) -> None:
     """Write the figure as PNG (white background, so it reads in dark-mode viewers too)."""
     figure.savefig(path, format="png", facecolor="white")
 
 
-def mark_experiences(axes, record: RunRecord) -> None:
-    """Dashed vertical lines where a continual run's experiences end."""
+def mark_experiences(axes: Axes, record: RunRecord) -> None:
+    """Dotted vertical lines where a continual run's experiences end."""
     for row in record.experience_rows:
         axes.axvline(row["round"] + 0.5, color="grey", linestyle=":", linewidth=1)
 
 
-def plot_per_site(axes, series: dict[str, list[tuple[int, float]]], label_mean: str | None = None) -> None:
+def plot_per_site(axes: Axes, series: dict[str, list[tuple[int, float]]]) -> None:
     """One thin line per site, or a min..max band when there are many sites."""
     if len(series) <= MANY_SITES:
         for site, points in series.items():
-            if points:
-                axes.plot(*zip(*points), marker=".", linewidth=1, label=site)
+            if points:  # a "$" in a site's name would start matplotlib's maths mode
+                axes.plot(*zip(*points), marker=".", linewidth=1, label=site.replace("$", r"\$"))
         return
     by_round: dict[int, list[float]] = {}
     for points in series.values():
@@ -75,7 +80,7 @@ def plot_per_site(axes, series: dict[str, list[tuple[int, float]]], label_mean: 
 
 def accuracy_figure(record: RunRecord, folder: Path) -> Figure | None:
     """Accuracy per site and its mean over rounds."""
-    series = record.per_site("accuracy")
+    series = record.per_site("accuracy", skip_failed_rounds=True)  # as the mean: failed rounds changed nothing
     mean = record.mean_accuracy()
     if not mean:
         return None
@@ -193,9 +198,9 @@ def bytes_figure(record: RunRecord, folder: Path) -> Figure | None:
     return Figure(
         "bytes.png",
         "Bytes per round",
-        "What the server sent to all sites (the global adapter, for training and for evaluation) and what came back "
-        "(each site's update), in megabytes. Only adapter weights and the small head travel, never the base model "
-        "or any record.",
+        "What the server sent to all sites (the global state, for training and for evaluation) and what came back "
+        "(each site's noised release), in megabytes: adapter weights and the small head, or with the ncm recipe "
+        "class sums; never the base model or any record.",
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from server.report_figures import Figure, draw_figures
-from server.run_record import RunRecord, read_run
+from server.run_record import RunRecord, natural_key, read_run
 
 REPORT_FOLDER = "report"
 MAX_PROBLEM_ROWS = 200  # a long run with a site that stopped early would list it every round
@@ -166,8 +166,9 @@ def glance_rows(record: RunRecord) -> list[tuple[str, Any]]:
         scores = record.continual_scores()
         for key, name in (("average_accuracy", "average accuracy"), ("forgetting", "forgetting"), ("bwt", "BWT")):
             rows.append((name, scores.get(key)))
-    if summary.get("wall_seconds") is not None:
-        rows.append(("wall time (s)", round(float(summary["wall_seconds"]), 1)))
+    if summary.get("wall_seconds") is not None:  # the server's clock over its last session
+        label = "wall time since the resume (s)" if summary.get("resumed_from_round") else "wall time (s)"
+        rows.append((label, round(float(summary["wall_seconds"]), 1)))
     if summary.get("resumed_from_round"):
         rows.append(("resumed after round", summary["resumed_from_round"]))
     return rows
@@ -200,7 +201,7 @@ def privacy_statement(record: RunRecord) -> list[str]:
             "without noise, so nothing in this run is private in the sense of a privacy budget: its numbers are a "
             "non-private reference and must not be presented as private results.</div>"
         ]
-    privacy = (record.summary or {}).get("privacy") or {}
+    privacy = (record.summary or {}).get("privacy") or privacy_from_rows(record)
     delta = record.config.get("delta")
     budgets = sorted(set(record.site_budgets().values()))
     budget = (
@@ -211,22 +212,36 @@ def privacy_statement(record: RunRecord) -> list[str]:
     spent = record.final_epsilon()
     worst = max(spent.values()) if spent else None
     stopped = sorted(site for site, entry in privacy.items() if entry.get("stopped_for_budget"))
+    simulated = (record.run_dir / "site-data").is_dir()
     lines = [
-        '<div class="box"><p><b>In plain words.</b> Each site kept its records on its own machine and trained '
-        "there. What left a site was noised by the site itself before it left, so that no one who sees everything "
-        "a site sent (the coordinating server included) can tell with confidence whether any one training record "
-        f"was in that site's data. The strength of that promise is the site's <i>epsilon</i> (smaller is "
-        f"stronger), at a failure probability <i>delta</i> of {esc(delta)}. {esc(budget)}; the largest "
-        f"any site reached is {esc(number(worst))}.</p>",
-        f"<p><b>What each site released:</b> {esc(released_by_recipe(record))}. <b>Sent without noise, and declared "
-        "public:</b> the accuracy of the global model on the site's held-out test records (and its counts), the "
-        "site's record count and the run's label names.</p>",
-        "<p><b>One record</b> is one row of a site's training file: a patient with several rows is protected as "
-        "several records (a weaker promise per patient). <b>Who is trusted:</b> each site's own machine and "
-        "operator. <b>Not trusted:</b> the server and the other sites. The epsilon below covers each site's whole "
-        "life in its state folder (earlier runs and restarts included), as its own ledger counts it (an RDP "
-        "privacy filter; Opacus' RDP analysis).</p>",
+        '<div class="box"><p><b>In plain words.</b> Each site trained on its own records, and what left a site was '
+        "noised by the site itself before it left, so that no one who sees everything a site sent (the coordinating "
+        "server included) can tell with confidence whether any one training record was in that site's data. The "
+        f"strength of that promise is the site's <i>epsilon</i> (smaller is stronger), at a failure probability "
+        f"<i>delta</i> of {esc(delta)}. {esc(budget)}; the largest any site reached is {esc(number(worst))}.</p>",
+        f"<p><b>What each site released, noised:</b> {esc(released_by_recipe(record))}. The server sees each "
+        "site's own noised update (secure aggregation, where it would see only their sum, is not built yet).</p>",
+        "<p><b>Sent without noise (declared public, not covered by epsilon):</b> the accuracy, loss and number of "
+        "the site's held-out <i>test</i> records; its training-record count as the averaging weight; one-bit "
+        "refusals (its records do not fit the federation, its records changed since its state was made, an internal "
+        "error), each with a fixed reason; and when it replied. The label names and the experience plan are agreed "
+        "in the run configuration, not sent by the sites.</p>",
+        "<p><b>One record</b> is one row of a site's training file: a patient with k rows is protected as a group, "
+        "at k times the epsilon. The promise is for adding or removing one record when the site declared a public "
+        "nominal size (node config <code>nominal-records</code>); a site that did not, as in every simulation, "
+        "sends its exact record count, and the promise then holds for replacing one record (about twice the epsilon "
+        "for adding or removing one). <b>Who is trusted:</b> each site's own machine and operator. <b>Not "
+        "trusted:</b> the server and the other sites. The epsilon below covers each site's whole life in its state "
+        "folder (earlier runs and restarts included), as its own ledger counts it (an RDP privacy filter; Opacus' "
+        "RDP analysis).</p>",
     ]
+    if simulated:
+        lines.append(
+            "<p><b>This was a simulation:</b> every virtual site ran on this one machine, and the text of every "
+            "site's records is in this run directory (<code>site-data/</code>, readable by its owner only). Share "
+            "<code>report/</code>, <code>summary.json</code>, <code>metrics.jsonl</code> and <code>config.json</code>, "
+            "never the whole folder.</p>"
+        )
     if stopped:
         lines.append(
             f"<p><b>Stopped for their budget:</b> {esc(', '.join(stopped))} (they trained no further once it was spent).</p>"
@@ -244,7 +259,7 @@ def privacy_statement(record: RunRecord) -> list[str]:
             entry.get("max_grad_norm"),
             bool(entry.get("stopped_for_budget")),
         )
-        for site, entry in sorted(privacy.items())
+        for site, entry in sorted(privacy.items(), key=lambda item: natural_key(item[0]))
     ]
     if rows:
         lines.append(
@@ -266,19 +281,36 @@ def privacy_statement(record: RunRecord) -> list[str]:
     return lines
 
 
+def privacy_from_rows(record: RunRecord) -> dict[str, dict[str, Any]]:
+    """summary.json's privacy block rebuilt from the rows, for a run that has not ended (no summary.json yet)."""
+    fields = {
+        "epsilon": "epsilon",
+        "target_epsilon": "target_epsilon",
+        "delta": "delta",
+        "steps": "dp_steps_total",
+        "noise_multiplier": "noise_multiplier",
+        "sample_rate": "sample_rate",
+        "max_grad_norm": "max_grad_norm",
+    }
+    latest = {name: record.latest(key) for name, key in fields.items()}
+    stopped = {r["site"] for r in record.site_rows if r.get("stopped_for_budget")}
+    return {
+        site: {**{name: values.get(site) for name, values in latest.items()}, "stopped_for_budget": site in stopped}
+        for site in latest["epsilon"]
+    }
+
+
 def site_table(record: RunRecord) -> str:
-    """Each site's final accuracy, record counts and epsilon."""
+    """Each site's final accuracy, record counts and epsilon (a site's last reported values)."""
     per_site = (record.summary or {}).get("per_site") or {}
     epsilon = record.final_epsilon()
-    last = {}
-    for row in record.site_rows:
-        last[row["site"]] = row
+    accuracy, train, test = record.latest("accuracy"), record.latest("train_examples"), record.latest("test_examples")
     rows = [
         (
             site,
-            (per_site.get(site) or {}).get("accuracy", last.get(site, {}).get("accuracy")),
-            last.get(site, {}).get("train_examples"),
-            last.get(site, {}).get("test_examples"),
+            (per_site.get(site) or {}).get("accuracy", accuracy.get(site)),
+            train.get(site),
+            test.get(site),
             epsilon.get(site),
         )
         for site in record.sites

@@ -73,14 +73,25 @@ class RunRecord:
         default = self.target_epsilon
         return {site: reported.get(site, default) for site in self.sites if site in reported or default is not None}
 
-    def per_site(self, key: str) -> dict[str, list[tuple[int, float]]]:
-        """Each site's ``(round, value)`` pairs of a numeric row field, rounds without a value left out."""
+    def per_site(self, key: str, skip_failed_rounds: bool = False) -> dict[str, list[tuple[int, float]]]:
+        """Each site's ``(round, value)`` pairs of a numeric row field, rounds without a value left out
+        (and failed rounds, whose model the server did not change, with ``skip_failed_rounds``)."""
         series: dict[str, list[tuple[int, float]]] = {site: [] for site in self.sites}
         for row in self.site_rows:
+            if skip_failed_rounds and row.get("round_status") == "failed":
+                continue
             value = row.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 series[row["site"]].append((int(row["round"]), float(value)))
         return {site: sorted(points) for site, points in series.items()}
+
+    def latest(self, key: str) -> dict[str, Any]:
+        """Each site's last non-null value of a row field (a site missing from the last round keeps its earlier one)."""
+        found: dict[str, Any] = {}
+        for row in sorted(self.site_rows, key=lambda r: int(r["round"])):
+            if row.get(key) is not None:
+                found[row["site"]] = row[key]
+        return found
 
     def mean_accuracy(self) -> list[tuple[int, float]]:
         """The mean over sites of each round's evaluation accuracy (failed rounds left out)."""

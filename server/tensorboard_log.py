@@ -25,12 +25,18 @@ TENSORBOARD_FOLDER = "tensorboard"
 class TensorBoardLog:
     """Appends a run's per-round scalars to an event file under ``<run-dir>/tensorboard/``."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, first_round: int = 1) -> None:
+        """Open a new event file; ``first_round`` > 1 (a resumed run) tells TensorBoard to drop the steps from there on
+        that the interrupted session wrote (a session-start event at that step), so no round shows twice."""
+        from tensorboard.compat.proto import event_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.folder = run_dir / TENSORBOARD_FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
         self.writer = EventFileWriter(str(self.folder), flush_secs=5)
+        if first_round > 1:
+            restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=first_round, session_log=restart))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """Append one scalar at ``step`` (the server round)."""

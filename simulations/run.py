@@ -303,9 +303,10 @@ def run_simulation(
             for line in proc.stdout or []:
                 log.write(line)
                 shown = terminal_line(line)
-                if not quiet and shown is not None and shown not in said:
-                    print(shown, flush=True)
-                    said.add(shown)
+                if quiet or shown is None or ("fedcl: " in line and shown in said):
+                    continue  # errors and tracebacks are always shown, however often they repeat
+                print(shown, flush=True)
+                said.add(shown)
             proc.wait()
     finally:
         stop_local_superlink(flwr_home)

@@ -114,12 +114,10 @@ def forget_process_state() -> None:
     import client.phases as phases
     import client.site_runtime as site_runtime
     import fedcl.model_factory as model_factory
-    from client.site_round import say_once
 
     for cache in (continual._CONTEXTS, site_runtime._ENCODED, model_factory._CACHE):
         cache.clear()
     phases.forget_cached_features()
-    say_once.cache_clear()  # the notices a process gives once
 
 
 TOPIC_WORDS = ["market", "shares", "goal", "match", "vote", "party", "film", "music", "phone", "chip"]  # one token each

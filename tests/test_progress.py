@@ -31,7 +31,8 @@ def test_round_counts_sort_each_status_with_its_reason():
         ]
     )
     assert (counts.sites, counts.answered, counts.trained) == (6, 5, 1)
-    assert counts.skipped == {"site-1": "privacy budget: spent", "site-2": "replayed round"}
+    assert counts.skipped == {"site-1": "privacy budget: spent"}
+    assert counts.refused == {"site-2": "replayed round"}
     assert counts.rejected == {"site-3": "norm 50 > 10"}
     assert counts.failed == {"site-4": "ValueError", "site-5": "no reply"}
 
@@ -110,3 +111,24 @@ def test_a_deployment_shows_only_the_serverapps_fedcl_lines_by_default():
     sink.write("[run 7] INFO :      fedcl: round 2/21 (probe) done in 0.5 s; 3 of 3 sites answered: 3 trained\n")
     sink.write("[run 7] INFO :      round 2: evaluate messages to 3 node(s)\n")
     assert out.getvalue() == "fedcl: round 2/21 (probe) done in 0.5 s; 3 of 3 sites answered: 3 trained\n"
+
+
+def test_a_refused_site_is_named_apart_from_skipped_ones():
+    progress = RunProgress(total_rounds=1, phase_of=phases, target_epsilon=None)
+    line = progress.round_line(
+        1, "probe", [row("site-0"), row("site-1", "refused", "internal error at the site")], None, 1
+    )
+    assert "2 of 2 sites answered: 1 trained, 1 refused (site-1: internal error at the site)" in line
+    assert "skipped" not in line
+
+
+def test_the_launcher_shows_fedcl_lines_and_errors_and_hides_repeats_of_what_it_said():
+    from simulations.run import terminal_line
+
+    assert terminal_line("\x1b[92mINFO \x1b[0m:      fedcl: round 1/2 (probe) done in 1.0 s; x\n") == (
+        "round 1/2 (probe) done in 1.0 s; x"
+    )
+    assert terminal_line("INFO :      fedcl: recipe ncm (16 labels)\n") is None  # the launcher's header said it
+    assert terminal_line("INFO :      fedcl: site 'site-3' bound to node 123\n") is None
+    assert terminal_line("INFO :      [ROUND 2/21]\n") is None
+    assert terminal_line("ERROR :     something broke\n") == "ERROR :     something broke"

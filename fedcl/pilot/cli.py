@@ -460,8 +460,8 @@ def run_submit(args: argparse.Namespace, out: TextIO) -> int:
         return 130
     details = f" ({outcome.details})" if outcome.details and outcome.details != "N/A" else ""
     out.write(
-        f"fedcl: run {run_id} {outcome.status}{details} after "
-        f"{outcome.finished_at - submitted_at:.0f} s; report {Path(config.output_dir) / 'summary.json'}\n"
+        f"fedcl: run {run_id} {outcome.status}{details} after {outcome.finished_at - submitted_at:.0f} s; report "
+        f"{Path(config.output_dir) / 'report' / 'index.html'} on the SuperLink's machine (summary.json beside it)\n"
     )
     return EXIT_OK if outcome.completed else EXIT_FAILED
 
@@ -488,7 +488,8 @@ def poc(args: argparse.Namespace, out: TextIO) -> int:
     summary = result.run_dir / "summary.json"
     if summary.is_file():
         accuracy = json.loads(summary.read_text(encoding="utf-8")).get("accuracy")
-        out.write(f"fedcl poc: final mean accuracy {accuracy}\n")
+        shown = "none (nothing was evaluated)" if accuracy is None else f"{accuracy:.3f}"
+        out.write(f"fedcl poc: final mean accuracy {shown}; report {result.run_dir / 'report' / 'index.html'}\n")
     return EXIT_OK if result.outcome.completed else EXIT_FAILED
 
 

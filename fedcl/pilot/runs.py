@@ -113,7 +113,7 @@ def run_status(connection: Connection, flwr_home: Path, run_id: int) -> dict[str
 
 
 class ProgressLines:
-    """A text sink that passes on only the ServerApp's ``fedcl:`` lines (one progress line per round, notes, errors).
+    """A text sink that passes on the ServerApp's ``fedcl:`` lines (a progress line per round, notes) and its errors.
 
     ``fedcl run submit`` and ``fedcl poc`` show these by default; ``--stream``
     shows Flower's whole log instead.
@@ -123,9 +123,11 @@ class ProgressLines:
         self.out = out
 
     def write(self, text: str) -> int:
-        """Forward ``text`` when it holds a ``fedcl:`` line; returns its length either way."""
+        """Forward ``text`` when it holds a ``fedcl:`` line, an ERROR or a traceback; returns its length either way."""
         if "fedcl: " in text:
             self.out.write("fedcl: " + text.split("fedcl: ", 1)[1])
+        elif "ERROR" in text or "Traceback" in text:
+            self.out.write(text)
         return len(text)
 
     def flush(self) -> None:
