@@ -165,3 +165,23 @@ def test_sites_with_their_own_budgets_are_reported_each_with_its_own(tmp_path):
     page = write_report(write_run(tmp_path / "run", rows, config)).read_text()
     assert "The sites set their own budgets (epsilon 4, 8); the largest any site reached is 3.000" in page
     assert read_run(tmp_path / "run").site_budgets() == {"a": 4.0, "b": 8.0}
+
+
+def test_a_resumed_runs_tensorboard_shows_each_round_once(tmp_path):
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = TensorBoardLog(tmp_path)
+    for r, accuracy in ((1, 0.1), (2, 0.2), (3, 0.3)):  # rounds 2 and 3 were written after the last checkpoint
+        first.add_round(r, [site_row(r, "site-0", accuracy)])
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they were opened
+    resumed = TensorBoardLog(tmp_path, first_round=2)
+    for r, accuracy in ((2, 0.7), (3, 0.8)):
+        resumed.add_round(r, [site_row(r, "site-0", accuracy)])
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    got = [(e.step, round(e.value, 6)) for e in events.Scalars("accuracy/site-0")]
+    assert got == [(1, 0.1), (2, 0.7), (3, 0.8)]
