@@ -168,7 +168,7 @@ def glance_rows(record: RunRecord) -> list[tuple[str, Any]]:
             rows.append((name, scores.get(key)))
     if summary.get("wall_seconds") is not None:  # the server's clock over its last session
         label = "wall time since the resume (s)" if summary.get("resumed_from_round") else "wall time (s)"
-        rows.append((label, round(float(summary["wall_seconds"]), 1)))
+        rows.append((label, f"{float(summary['wall_seconds']):.1f}"))
     if summary.get("resumed_from_round"):
         rows.append(("resumed after round", summary["resumed_from_round"]))
     return rows
