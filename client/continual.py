@@ -36,6 +36,7 @@ from client.secure_noise import NoiseSource
 from client.site_runtime import SiteRuntime
 from fedcl.experience_plan import ExperiencePlan, SiteStream, plan_from_config, site_stream
 from fedcl.experience_schedule import PROBE, ExperienceSchedule
+from fedcl.worker_cache import WORKER_CACHE
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,6 @@ class StreamContext:
             )
 
 
-_CONTEXTS: dict[tuple, StreamContext] = {}
-
-
 def stream_context(runtime: SiteRuntime) -> StreamContext:
     """The site's stream context, built once per process, config and site (the plan is seeded and public)."""
     config = runtime.config
@@ -77,12 +75,14 @@ def stream_context(runtime: SiteRuntime) -> StreamContext:
         runtime.data.name,
         hash((*runtime.data.train_keys, None, *runtime.data.test_keys)),
     )
-    if key not in _CONTEXTS:
+
+    def build() -> StreamContext:
         plan = plan_from_config(config)
         stream = site_stream(plan, runtime.data.name, runtime.data.train_keys, runtime.data.test_keys)
         schedule = ExperienceSchedule.from_config(config, len(plan))
-        _CONTEXTS[key] = StreamContext(plan, stream, schedule, tuple(plan.label_ids(config.label_names)))
-    return _CONTEXTS[key]
+        return StreamContext(plan, stream, schedule, tuple(plan.label_ids(config.label_names)))
+
+    return WORKER_CACHE.get_or_build("stream-context", key, build)
 
 
 def experience_groups(runtime: SiteRuntime, context: StreamContext, experiences: Iterable[int]) -> RecordGroups:

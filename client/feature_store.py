@@ -53,9 +53,10 @@ from client.site_state import SiteState
 from fedcl.atomic_files import save_arrays_atomic
 from fedcl.model_factory import lora_settings, resolve_model_path
 from fedcl.run_config import ConfigError
+from fedcl.worker_cache import WORKER_CACHE, Owners
 
 if TYPE_CHECKING:
-    from client.site_runtime import SiteData, SiteRuntime
+    from client.site_runtime import SiteRuntime
 
 FEATURE_CACHE_KEY = "feature-cache"  # node config key
 FEATURE_CACHE_ENV = "FEDCL_FEATURE_CACHE"  # for virtual sites, which have no node config of their own
@@ -105,9 +106,6 @@ class FeatureStore:
             log(WARNING, "feature cache %s not written (%s); the next message embeds again", path, err)
 
 
-_STORES: dict[str, tuple[SiteData, FeatureStore]] = {}
-
-
 def feature_cache_enabled(node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> bool:
     """Node config ``feature-cache`` (true/false), else ``FEDCL_FEATURE_CACHE`` (1/0), else true.
 
@@ -155,7 +153,7 @@ def attach_feature_store(
     meets it. Raises :class:`ConfigError` for a bad ``feature-cache`` value.
     """
     name = runtime.data.name
-    _STORES.pop(name, None)
+    WORKER_CACHE.pop("feature-store", name)
     if not feature_cache_enabled(node_config, environ):
         return None
     model = model_identity(runtime.config.model)
@@ -163,14 +161,14 @@ def attach_feature_store(
         return None
     files = site_files(node_config, runtime.config, environ)
     store = FeatureStore(state.folder / FOLDER, files_digest(files), model)
-    _STORES[name] = (runtime.data, store)
+    WORKER_CACHE.put("feature-store", name, (Owners(runtime.data), store))
     return store
 
 
 def store_of(runtime: SiteRuntime) -> FeatureStore | None:
     """The store attached to this runtime's records, if any."""
-    entry = _STORES.get(runtime.data.name)
-    return entry[1] if entry is not None and entry[0] is runtime.data else None
+    entry = WORKER_CACHE.get("feature-store", runtime.data.name)
+    return entry[1] if entry is not None and entry[0].same(runtime.data) else None
 
 
 def features_key(runtime: SiteRuntime, store: FeatureStore, kind: str, split: str, adapter: str) -> str:
@@ -248,7 +246,7 @@ def stored_head_inputs(
 
 def forget_feature_stores() -> None:
     """Detach every store (what a restarted site process would not have)."""
-    _STORES.clear()
+    WORKER_CACHE.clear("feature-store")
 
 
 def _rows(runtime: SiteRuntime, split: str) -> int:

@@ -19,7 +19,6 @@ budget priced (``client/site_round.py``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +34,10 @@ from client.nearest_class_mean import class_feature_sums, mean_pooled_features, 
 from client.secure_noise import NoiseSource
 from client.site_runtime import SiteRuntime
 from fedcl.protocol import CLASS_SUMS, NOISE_VARIANCE
+from fedcl.worker_cache import WORKER_CACHE, Owners
 from strategies.ncm_sums import with_count_coordinate
 
 MOMENTUM = 0.9  # SGD with momentum after the noise: every private phase, and the probe with or without DP
-
-_HEAD_INPUTS: dict[tuple, tuple[Any, Any, str, torch.Tensor]] = {}
-_FROZEN_FEATURES: dict[tuple, tuple[Any, Any, np.ndarray]] = {}
 
 
 def cached_head_inputs(runtime: SiteRuntime, split: str) -> torch.Tensor:
@@ -55,22 +52,17 @@ def cached_head_inputs(runtime: SiteRuntime, split: str) -> torch.Tensor:
     """
     key = (runtime.data.name, split)
     fingerprint = adapter_fingerprint(runtime.adapter.model)
-    cached = _HEAD_INPUTS.get(key)
-    if cached is None or cached[0] is not runtime.data or cached[1] is not runtime.adapter or cached[2] != fingerprint:
+    cached = WORKER_CACHE.get("head-inputs", key)
+    if cached is None or not cached[0].same(runtime.data, runtime.adapter) or cached[1] != fingerprint:
         data = runtime.data.train if split == "train" else runtime.data.test
-        cached = (
-            runtime.data,
-            runtime.adapter,
+        features = stored_head_inputs(
+            runtime,
+            split,
             fingerprint,
-            stored_head_inputs(
-                runtime,
-                split,
-                fingerprint,
-                lambda: head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size),
-            ),
+            lambda: head_inputs(runtime.adapter.model, data, runtime.config.eval_batch_size),
         )
-        _HEAD_INPUTS[key] = cached
-    return cached[3]
+        cached = WORKER_CACHE.put("head-inputs", key, (Owners(runtime.data, runtime.adapter), fingerprint, features))
+    return cached[2]
 
 
 def frozen_features(runtime: SiteRuntime, split: str) -> np.ndarray:
@@ -79,8 +71,8 @@ def frozen_features(runtime: SiteRuntime, split: str) -> np.ndarray:
     A miss reads the site's feature store before embedding (as :func:`cached_head_inputs`).
     """
     key = (runtime.data.name, split)
-    cached = _FROZEN_FEATURES.get(key)
-    if cached is None or cached[0] is not runtime.data or cached[1] is not runtime.adapter:
+    cached = WORKER_CACHE.get("frozen-features", key)
+    if cached is None or not cached[0].same(runtime.data, runtime.adapter):
         data = runtime.data.train if split == "train" else runtime.data.test
         size = runtime.config.eval_batch_size
 
@@ -95,15 +87,15 @@ def frozen_features(runtime: SiteRuntime, split: str) -> np.ndarray:
             ]
             return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
 
-        cached = (runtime.data, runtime.adapter, stored_features(runtime, FROZEN, split, FROZEN, embed))
-        _FROZEN_FEATURES[key] = cached
-    return cached[2]
+        features = stored_features(runtime, FROZEN, split, FROZEN, embed)
+        cached = WORKER_CACHE.put("frozen-features", key, (Owners(runtime.data, runtime.adapter), features))
+    return cached[1]
 
 
 def forget_cached_features() -> None:
     """Drop every cached feature tensor and feature store (what a restarted site process would not have)."""
-    _HEAD_INPUTS.clear()
-    _FROZEN_FEATURES.clear()
+    WORKER_CACHE.clear("head-inputs")
+    WORKER_CACHE.clear("frozen-features")
     forget_feature_stores()
 
 

@@ -22,6 +22,7 @@ from client.local_training import Encoded, count_longer, encode
 from client.site_data import SiteFiles, SiteRecords, load_site_records, site_files
 from fedcl.model_factory import AdapterModel, load_adapter_model
 from fedcl.run_config import ConfigError, RunConfig, parse_run_config
+from fedcl.worker_cache import WORKER_CACHE
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,6 @@ class SiteRuntime:
     data: SiteData
     adapter: AdapterModel
     device: torch.device
-
-
-_ENCODED: dict[tuple, SiteData] = {}
 
 
 def stream_keys(records: SiteRecords, config: RunConfig) -> list[str]:
@@ -107,7 +105,8 @@ def site_data(config: RunConfig, files: SiteFiles, tokenizer: Any) -> SiteData:
         config.model,
         config.max_length,
     )
-    if key not in _ENCODED:
+
+    def tokenise() -> SiteData:
         train, test = load_site_records(files, config)
         note = truncation_note(
             files.site_name,
@@ -115,9 +114,9 @@ def site_data(config: RunConfig, files: SiteFiles, tokenizer: Any) -> SiteData:
             (count_longer(tokenizer, train.texts, config.max_length), len(train.texts)),
             (count_longer(tokenizer, test.texts, config.max_length), len(test.texts)),
         )
-        if note:  # once per site and process, where the records are tokenised: the site's own log, never a reply
+        if note:  # where the records are tokenised (once per process while cached): the site's own log, never a reply
             log(WARNING, note)
-        _ENCODED[key] = SiteData(
+        return SiteData(
             name=files.site_name,
             index=files.index,
             train=encode(tokenizer, train.texts, train.labels, config.max_length),
@@ -127,7 +126,8 @@ def site_data(config: RunConfig, files: SiteFiles, tokenizer: Any) -> SiteData:
             test_keys=stream_keys(test, config),
             stream_partition="label" if train.groups is None else f"group:{files.group_column}",
         )
-    return _ENCODED[key]
+
+    return WORKER_CACHE.get_or_build("site-data", key, tokenise)
 
 
 def site_runtime(
@@ -151,5 +151,6 @@ def site_runtime(
             "SuperNode with partition-id=<its number> in its --node-config, or leave site-offsets empty"
         )
     device = site_device(node_config)
+    WORKER_CACHE.set_budget(config.worker_cache_mb)  # what this worker keeps between messages (fedcl/worker_cache.py)
     adapter = load_adapter_model(config, num_labels=len(config.label_names), device=device)
     return SiteRuntime(config, site_data(config, files, adapter.tokenizer), adapter, device)

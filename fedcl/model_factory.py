@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcl.run_config import ConfigError, RunConfig
+from fedcl.worker_cache import WORKER_CACHE
 
 if TYPE_CHECKING:  # torch is imported lazily here
     import torch
@@ -75,9 +76,6 @@ class AdapterModel:
         return list(self.initial_state)
 
 
-_CACHE: dict[tuple, AdapterModel] = {}
-
-
 def lora_settings(config: RunConfig) -> dict[str, Any]:
     """The keyword arguments for ``peft.LoraConfig`` (head trained via task type SEQ_CLS)."""
     return {
@@ -117,8 +115,9 @@ def load_adapter_model(config: RunConfig, num_labels: int, device: torch.device 
         config.seed,
         str(target),
     )
-    if key in _CACHE:
-        return _CACHE[key]
+    cached = WORKER_CACHE.get("model", key)
+    if cached is not None:
+        return cached
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -143,9 +142,7 @@ def load_adapter_model(config: RunConfig, num_labels: int, device: torch.device 
             f"config key 'lora-target-modules' = {config.lora_target_modules!r}: {err}; name modules of this model"
         ) from err
     initial = trainable_arrays(model)  # taken on the CPU, where the seeded draw happened
-    built = AdapterModel(model.to(target), tokenizer, initial)
-    _CACHE[key] = built
-    return built
+    return WORKER_CACHE.put("model", key, AdapterModel(model.to(target), tokenizer, initial), pinned=True)
 
 
 def placement(device: torch.device | str | None = None) -> torch.device:

@@ -70,6 +70,7 @@ class RunConfig:
     min_replies: int = 0  # fewest site replies a round needs to count; 0: every one of num-sites
     max_failed_rounds: int = 3  # failed rounds in a row after which the run stops with a non-zero status
     tensorboard: bool = False  # also write TensorBoard event files, round by round, to <run-dir>/tensorboard/
+    worker_cache_mb: float = 4096.0  # what a worker keeps between messages besides its model (site data, features)
     resume: str = ""  # a run directory whose checkpoint this run continues (server side); empty: a fresh run
     site_nodes: str = (
         ""  # "site-a=NODE_ID,site-b=NODE_ID": each site's registered node (deployment); empty: first claim binds
@@ -148,6 +149,10 @@ class RunConfig:
         _non_negative_int("max-train-examples", self.max_train_examples)
         _non_negative_int("records-per-site", self.records_per_site)
         _non_negative_int("max-test-examples", self.max_test_examples)
+        if not self.worker_cache_mb >= 0:
+            _fail(
+                "worker-cache-mb", self.worker_cache_mb, "use 0 (keep nothing between messages) or more MiB, e.g. 4096"
+            )
         _non_negative_int("num-rounds", self.num_rounds)
         _check_aggregation(self)
         if self.round_timeout <= 0:

@@ -109,15 +109,10 @@ def run_round(
 
 
 def forget_process_state() -> None:
-    """What a restarted site process would not have: every module-level cache."""
-    import client.continual as continual
-    import client.phases as phases
-    import client.site_runtime as site_runtime
-    import fedcl.model_factory as model_factory
+    """What a restarted site process would not have: everything its worker cache holds."""
+    from fedcl.worker_cache import WORKER_CACHE
 
-    for cache in (continual._CONTEXTS, site_runtime._ENCODED, model_factory._CACHE):
-        cache.clear()
-    phases.forget_cached_features()
+    WORKER_CACHE.clear()
 
 
 TOPIC_WORDS = ["market", "shares", "goal", "match", "vote", "party", "film", "music", "phone", "chip"]  # one token each

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from fedcl import model_factory
 from fedcl.model_factory import load_adapter_model, resolve_model_path, set_trainable_arrays, trainable_arrays
 from fedcl.run_config import ConfigError, RunConfig
 
@@ -51,7 +50,9 @@ def test_get_set_round_trip_gives_identical_logits(tiny_model_dir):
 
 def test_same_seed_gives_the_same_initial_adapter_on_every_site(tiny_model_dir, monkeypatch):
     first = load_adapter_model(tiny_config(tiny_model_dir, seed=5), num_labels=3).initial_state
-    monkeypatch.setattr(model_factory, "_CACHE", {})  # a fresh process
+    from fedcl.worker_cache import WORKER_CACHE
+
+    WORKER_CACHE.clear("model")  # a fresh process
     second = load_adapter_model(tiny_config(tiny_model_dir, seed=5), num_labels=3).initial_state
     assert first.keys() == second.keys()
     assert all(np.array_equal(first[k], second[k]) for k in first)
