@@ -69,6 +69,7 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     min_replies: int = 0  # fewest site replies a round needs to count; 0: every one of num-sites
     max_failed_rounds: int = 3  # failed rounds in a row after which the run stops with a non-zero status
+    eval_fraction: float = 1.0  # share of sites that evaluate each round (all in the last, and after each experience)
     tensorboard: bool = False  # also write TensorBoard event files, round by round, to <run-dir>/tensorboard/
     worker_cache_mb: float = 4096.0  # what a worker keeps between messages besides its model (site data, features)
     resume: str = ""  # a run directory whose checkpoint this run continues (server side); empty: a fresh run
@@ -149,6 +150,8 @@ class RunConfig:
         _non_negative_int("max-train-examples", self.max_train_examples)
         _non_negative_int("records-per-site", self.records_per_site)
         _non_negative_int("max-test-examples", self.max_test_examples)
+        if not 0 < self.eval_fraction <= 1:
+            _fail("eval-fraction", self.eval_fraction, "use a share in (0, 1], e.g. 0.1 (1 evaluates every site)")
         if not self.worker_cache_mb >= 0:
             _fail(
                 "worker-cache-mb", self.worker_cache_mb, "use 0 (keep nothing between messages) or more MiB, e.g. 4096"

@@ -103,7 +103,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
             f"config key 'resume' = '{run_dir}': the checkpoint is of a {checkpoint.total_rounds}-round run, this "
             f"config gives {total_rounds} rounds (the data or its experience plan changed); resume with the same data"
         )
-    strategy = build_strategy(config, round_config=schedule)
+    strategy = build_strategy(config, round_config=schedule, every_site=continual.every_site if continual else None)
     strategy = continual.strategy(strategy) if continual else strategy
     report = RunReport(run_dir, config.to_flat(), resume_round=checkpoint.round if checkpoint else None)
     guard = RoundGuard(config.max_failed_rounds)

@@ -39,7 +39,16 @@ RESUME_FILE = "resume.npz"
 FORMAT_VERSION = 1
 # Operational keys: where and how patiently the run goes on, not what it trains.
 RESUME_FREE_KEYS = frozenset(
-    {"resume", "output-dir", "round-timeout", "min-replies", "max-failed-rounds", "tensorboard", "worker-cache-mb"}
+    {
+        "resume",
+        "output-dir",
+        "round-timeout",
+        "min-replies",
+        "max-failed-rounds",
+        "tensorboard",
+        "worker-cache-mb",
+        "eval-fraction",
+    }
 )
 _GLOBAL, _STRATEGY, _STATE = "global/", "strategy/", "state.json"
 

@@ -76,7 +76,13 @@ class ContinualRun:
         """The run's strategy: ``default``, except the class-sum adder for the nearest-class-mean recipe."""
         if self.config.chosen_recipe != "ncm":
             return default
-        return build_strategy(self.config, self.round_config, aggregator=ClassSumAggregator())
+        return build_strategy(
+            self.config, self.round_config, aggregator=ClassSumAggregator(), every_site=self.every_site
+        )
+
+    def every_site(self, server_round: int) -> bool:
+        """True after an experience's last round: the accuracy matrix's row needs every site's evaluation."""
+        return self.schedule.position(server_round).last_of_slot
 
     def on_round_end(self, server_round: int, evaluated: Sequence[SiteReply]) -> dict[str, Any] | None:
         """After a slot's last round: add row ``slot`` of the matrix from the sites' counts; returns its row."""

@@ -19,6 +19,7 @@ import numpy as np
 from fedcl.atomic_files import save_arrays_atomic
 from fedcl.run_config import RunConfig
 from strategies.aggregation import Aggregator
+from strategies.node_sampling import EvaluationSampling
 from strategies.registry import build_aggregator, build_compression
 from strategies.site_strategy import SiteStrategy, aggregator_state, load_aggregator_state
 
@@ -44,13 +45,20 @@ def build_strategy(
     config: RunConfig,
     round_config: Callable[[int], dict[str, Any]] | None = None,
     aggregator: Aggregator | None = None,
+    every_site: Callable[[int], bool] | None = None,
 ) -> SiteStrategy:
     """The Flower strategy for this run.
 
-    Every connected site in every round, ``min-replies`` usable replies for a
-    round to count, the configured aggregator (or ``aggregator``, e.g. the
-    class-sum adder) and codec.
+    Every connected site trains in every round; ``eval-fraction`` of them
+    evaluate, every one in the rounds where ``every_site(round)`` (default:
+    the last round of the plain schedule); ``min-replies`` usable replies
+    for a round to count, the configured aggregator (or ``aggregator``, e.g.
+    the class-sum adder) and codec.
     """
+    last = config.total_rounds
+    sampling = EvaluationSampling(
+        config.eval_fraction, config.seed, every_site or (lambda server_round: server_round >= last)
+    )
     return SiteStrategy(
         aggregator or build_site_aggregator(config),
         num_sites=config.num_sites,
@@ -59,6 +67,7 @@ def build_strategy(
         required_replies=config.required_replies,
         wait_timeout=config.round_timeout,
         registered_nodes=config.site_node_ids,
+        evaluation_sampling=sampling,
     )
 
 

@@ -28,6 +28,7 @@ continues a run: hooks and ``evaluate_fn`` see the true round numbers. No torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -53,7 +54,7 @@ from fedcl.protocol import (
 )
 from strategies.aggregation import Aggregator, Arrays, SiteUpdate
 from strategies.compression import Compression
-from strategies.node_sampling import wait_for_nodes
+from strategies.node_sampling import EvaluationSampling, wait_for_nodes
 from strategies.site_identity import SiteIdentities
 from strategies.wire import WireFormat
 
@@ -134,6 +135,7 @@ class SiteStrategy(Strategy):
         wait_timeout: float = 3600.0,
         poll_seconds: float = 1.0,
         registered_nodes: Mapping[str, int] | None = None,
+        evaluation_sampling: EvaluationSampling | None = None,
     ) -> None:
         if not 1 <= (required_replies or num_sites) <= num_sites:
             raise ValueError(f"required_replies = {required_replies}: use 1 .. num_sites ({num_sites}) or None (all)")
@@ -158,6 +160,8 @@ class SiteStrategy(Strategy):
         self.sent: dict[tuple[int, str], list[int]] = {}  # (round, kind) -> node ids a message went to
         self.outbox: dict[tuple[int, str], list[Message]] = {}  # (round, kind) -> the messages, until replies are read
         self.committed: tuple[Arrays, Arrays] = ({}, {})  # (global arrays, aggregator state) before this round
+        self.evaluation_sampling = evaluation_sampling or EvaluationSampling()
+        self.not_asked: dict[int, set[int]] = {}  # round -> connected nodes the sample left out of evaluation
 
     # --- the loop --------------------------------------------------------------------------------------------
 
@@ -231,10 +235,21 @@ class SiteStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Evaluation messages carrying :attr:`current` for every node connected now (no further wait)."""
+        """Evaluation messages carrying :attr:`current` for the connected nodes the round's sample chose (no wait)."""
         server_round = self.true_round(server_round)
         self.grid = grid
-        return self._messages(server_round, "evaluate", sorted(int(n) for n in grid.get_node_ids()), dict(config))
+        connected = sorted(int(n) for n in grid.get_node_ids())
+        chosen = self.evaluation_sampling.chosen(server_round, connected)
+        self.not_asked[server_round] = set(connected) - set(chosen)
+        return self._messages(server_round, "evaluate", chosen, dict(config))
+
+    def required_evaluations(self, server_round: int) -> int:
+        """Evaluation replies the round needs: ``required_replies``, scaled to the share of sites sampled."""
+        left_out = len(self.not_asked.get(server_round, ()))
+        if not left_out:
+            return self.required_replies
+        asked = len(self.sent.get((server_round, "evaluate"), []))
+        return max(1, math.ceil(self.required_replies * asked / (asked + left_out)))
 
     def _messages(self, server_round: int, kind: str, nodes: list[int], entries: dict[str, Any]) -> list[Message]:
         arrays = to_record(self.wire.downlink(server_round, self.current, kind))
@@ -335,7 +350,7 @@ class SiteStrategy(Strategy):
                 log(WARNING, "round %s: %s did not evaluate: %s", server_round, reply.site, reply.reason)
         self.evaluate_replies[server_round] = records
         evaluated = self._took_part(records, "evaluation")
-        if len(evaluated) < self.required_replies:
+        if len(evaluated) < self.required_evaluations(server_round):
             if server_round in self.updated_rounds:
                 self._roll_back()
                 self.updated_rounds.discard(server_round)
@@ -392,10 +407,11 @@ class SiteStrategy(Strategy):
             for node in sent
             if node not in replied
         ]
+        not_asked = self.not_asked.get(server_round, set()) if kind == "evaluate" else set()
         absent = [
             SiteReply(name, "missing", "not connected when the round started", node=node)
             for name, node in sorted(self.identities.nodes.items())
-            if node not in sent and node not in replied
+            if node not in sent and node not in replied and node not in not_asked
         ]
         return late + absent
 
