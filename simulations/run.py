@@ -174,6 +174,28 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def ray_cluster_environment(address: str, sites_environment: Mapping[str, str]) -> dict[str, str]:
+    """Environment that attaches the simulation to a running Ray cluster at ``address`` (``ray start --head``).
+
+    ``RAY_ADDRESS`` makes the simulation's ``ray.init()`` join the cluster
+    instead of starting its own Ray. The cluster's worker processes were
+    started by ``ray start``, not by this launcher, so they do not inherit
+    its environment: the virtual sites' settings go into the job's runtime
+    environment instead (Ray merges ``RAY_JOB_CONFIG_JSON_ENV_VAR``'s
+    ``runtime_env`` into the one Flower's backend passes to ``ray.init``), and
+    every worker of the run, on any node, gets them. Raises ValueError for an
+    address that is not ``host:port``.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(
+            f"--ray-address {address!r}: give the head node's host:port as `ray start --head` printed it, "
+            "e.g. 10.0.0.5:6379"
+        )
+    job = {"runtime_env": {"env_vars": dict(sites_environment)}}
+    return {"RAY_ADDRESS": address, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
+
+
 def simulated_sites_environment(config: RunConfig, run_dir: Path) -> dict[str, str]:
     """What the launcher, as the operator of every virtual site, gives them: a state root, their files, their policy.
 
@@ -262,12 +284,21 @@ def stop_local_superlink(flwr_home: Path) -> None:
 
 
 def run_simulation(
-    config: RunConfig, quiet: bool = False, project: Path = PROJECT, gpus_per_site: float | None = None
+    config: RunConfig,
+    quiet: bool = False,
+    project: Path = PROJECT,
+    gpus_per_site: float | None = None,
+    cpus_per_site: int | None = None,
+    ray_address: str | None = None,
 ) -> Path:
     """Run the simulation with `flwr run` and return the run directory (it holds summary.json).
 
     ``gpus_per_site``: the GPU share Ray gives each virtual site (None: all
     sites fit on the visible GPUs, 0 without CUDA; ``simulations/ray_resources.py``).
+    ``cpus_per_site``: the CPUs Ray gives each virtual site's worker (None:
+    Flower's default, 2; 1 on a 2-core machine runs two workers side by side).
+    ``ray_address``: run the virtual sites on the Ray cluster whose head is
+    there (:func:`ray_cluster_environment`); None: a Ray of the run's own.
     """
     from simulations.ray_resources import client_resources_options, default_gpus_per_site
 
@@ -284,7 +315,8 @@ def run_simulation(
             [
                 f"num-supernodes={config.num_sites}",
                 *client_resources_options(
-                    default_gpus_per_site(config.num_sites) if gpus_per_site is None else gpus_per_site
+                    default_gpus_per_site(config.num_sites) if gpus_per_site is None else gpus_per_site,
+                    cpus_per_site,
                 ),
             ]
         ),
@@ -295,7 +327,10 @@ def run_simulation(
     log_path = run_dir / "flower.log"
     try:
         with log_path.open("a", encoding="utf-8") as log:  # a resumed run keeps the first session's log
-            env = {**flower_environment(flwr_home), **simulated_sites_environment(config, run_dir)}
+            sites = simulated_sites_environment(config, run_dir)
+            env = {**flower_environment(flwr_home), **sites}
+            if ray_address:
+                env.update(ray_cluster_environment(ray_address, sites))
             proc = subprocess.Popen(
                 command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
             )
@@ -325,7 +360,7 @@ class FinishedRun:
     wall_seconds: float
 
 
-def fresh_run(overrides: Mapping[str, Any], folder: Path) -> FinishedRun:
+def fresh_run(overrides: Mapping[str, Any], folder: Path, cpus_per_site: int | None = None) -> FinishedRun:
     """Run ``overrides`` in ``folder`` from scratch and read its summary (how every benchmark runs a row).
 
     The folder is emptied first: a kept site ledger would carry its spent
@@ -334,7 +369,7 @@ def fresh_run(overrides: Mapping[str, Any], folder: Path) -> FinishedRun:
     shutil.rmtree(folder, ignore_errors=True)
     config = prepare_config({**overrides, "output-dir": str(folder)}, Path.cwd())
     started = time.time()
-    run_dir = run_simulation(config, quiet=True)
+    run_dir = run_simulation(config, quiet=True, cpus_per_site=cpus_per_site)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     return FinishedRun(run_dir, summary, time.time() - started)
 
@@ -354,6 +389,18 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="GPU share Ray gives each virtual site (default: all sites fit on the visible GPUs; 0 without CUDA)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="run the virtual sites on this Ray cluster (`ray start --head` prints it); default: a Ray of its own",
+    )
+    parser.add_argument(
+        "--cpus-per-site",
+        type=int,
+        default=None,
+        help="CPUs Ray gives each virtual site's worker (default: Flower's 2); workers = cluster CPUs / this",
     )
     args = parser.parse_args(argv)
     started = time.time()
@@ -377,8 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        run_dir = run_simulation(config, quiet=args.quiet, gpus_per_site=args.gpus_per_site)
-    except RuntimeError as err:
+        run_dir = run_simulation(
+            config,
+            quiet=args.quiet,
+            gpus_per_site=args.gpus_per_site,
+            cpus_per_site=args.cpus_per_site,
+            ray_address=args.ray_address,
+        )
+    except (RuntimeError, ValueError) as err:
         print(f"fedcl: error: {err}", file=sys.stderr)
         return 1
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))

@@ -1,0 +1,159 @@
+"""How a simulation's time and memory grow with the number of sites: 10, 100, 1,000 sites of CLINC150.
+
+Usage: ``python -m simulations.bench_scale [--sites 10 100 1000] [--modes private plain] [--out runs/bench_scale.json]``
+
+Each row is one fresh run (``simulations/run.py::fresh_run``) of CLINC150
+(``../shared/data/clinc150``, 23,700 utterances, iid over the sites, so
+about 19 training and 5 test records a site at 1,000 sites) with a few steps
+each: 2 private probe rounds and 1 LoRA round (3 rounds), max-length 32,
+each virtual site's worker on one CPU (two workers on this machine),
+``eval-fraction`` 0.1 (every site in the last round). ``private``: DP at
+epsilon 8 per site; ``plain``: ``dp = false``. Measured per row:
+
+- wall seconds of the run and of each round (the ServerApp's round lines);
+- seconds per site-round: a round's seconds over its sites, for rounds 2 and
+  3 (round 1 also loads the model and embeds every site's records);
+- peak memory: the machine's used memory above what it used before the run,
+  sampled every 0.5 s (every process of the run: launcher, SuperLink,
+  simulation, Ray and its workers; this is why benchmarks run alone);
+- bytes up and down (summary.json).
+
+Prints a table and writes JSON. The default ``make run`` is untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DATA = "../shared/data/clinc150/data_full.json"
+COMMON = {
+    "dataset": DATA,
+    "partition": "iid",
+    "recipe": "probe-then-lora",
+    "probe-rounds": 2,
+    "probe-steps": 3,
+    "probe-batch-size": 8,
+    "num-rounds": 1,
+    "local-steps": 2,
+    "batch-size": 8,
+    "max-length": 32,
+    "eval-fraction": 0.1,
+    "round-timeout": 3600.0,
+}
+MODES = {"private": {"dp": True, "target-epsilon": 8.0}, "plain": {"dp": False}}
+ROUND_LINE = re.compile(r"fedcl: round (\d+)/(\d+) .*?done in ([0-9.]+) s")
+
+
+class MemoryPeak:
+    """The machine's peak used memory above its level at start, sampled in a thread (psutil)."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.every = every
+        self.baseline = psutil.virtual_memory().used
+        self.peak = self.baseline
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self) -> None:
+        """Keep the highest reading until stopped."""
+        while self.running:
+            self.peak = max(self.peak, self.psutil.virtual_memory().used)
+            time.sleep(self.every)
+
+    def __enter__(self) -> MemoryPeak:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.running = False
+        self.thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        """Peak used memory above the baseline, in MiB."""
+        return (self.peak - self.baseline) / 2**20
+
+
+def round_seconds(run_dir: Path) -> dict[int, float]:
+    """Each round's duration from the ServerApp's round lines in flower.log."""
+    text = (run_dir / "flower.log").read_text(encoding="utf-8", errors="replace")
+    return {int(m.group(1)): float(m.group(3)) for m in ROUND_LINE.finditer(text)}
+
+
+def run_row(sites: int, mode: str, out_root: Path) -> dict[str, Any]:
+    """One run of ``sites`` sites in ``mode``; returns its measured row."""
+    from simulations.run import fresh_run, largest_epsilon
+
+    overrides = {**COMMON, **MODES[mode], "num-sites": sites}
+    with MemoryPeak() as memory:
+        run = fresh_run(overrides, out_root / f"{mode}-{sites}", cpus_per_site=1)
+    rounds = round_seconds(run.run_dir)
+    later = [rounds[r] for r in sorted(rounds) if r > 1]
+    summary = run.summary
+    return {
+        "sites": sites,
+        "mode": mode,
+        "accuracy": summary.get("accuracy"),
+        "max_epsilon": largest_epsilon(summary),
+        "wall_seconds": round(run.wall_seconds, 1),
+        "round_seconds": {str(r): s for r, s in sorted(rounds.items())},
+        "site_round_seconds": round(sum(later) / (len(later) * sites), 4) if later else None,
+        "first_round_seconds": rounds.get(1),
+        "peak_mb": round(memory.peak_mb, 1),
+        "peak_mb_per_site": round(memory.peak_mb / sites, 3),
+        "bytes_up": summary["bytes"]["up_total"],
+        "bytes_down": summary["bytes"]["down_total"],
+        "run_dir": str(run.run_dir),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+        "| sites | mode | accuracy | max epsilon | wall s | round 1 s | s per site-round (rounds 2-3) | peak MB | MB up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        eps = "-" if r["max_epsilon"] is None else f"{r['max_epsilon']:.2f}"
+        lines.append(
+            f"| {r['sites']} | {r['mode']} | {r['accuracy']:.3f} | {eps} | {r['wall_seconds']:.0f} | "
+            f"{r['first_round_seconds']:.1f} | {r['site_round_seconds']:.4f} | {r['peak_mb']:.0f} | "
+            f"{r['bytes_up'] / 1e6:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rows one after the other (never two at once: they would share the 2 cores); print and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, nargs="*", default=[10, 100, 1000])
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--out", default="runs/bench_scale.json")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for sites in args.sites:
+        for mode in args.modes:
+            print(f"bench_scale: {sites} sites, {mode} ...", flush=True)
+            try:
+                rows.append(run_row(sites, mode, out.parent / "bench_scale"))
+            except (RuntimeError, ValueError) as err:  # one failed row must not lose the others
+                print(f"bench_scale: {sites} sites, {mode} failed: {err}", flush=True)
+                rows.append({"sites": sites, "mode": mode, "error": str(err)})
+            out.write_text(json.dumps({"common": COMMON, "rows": rows}, indent=1), encoding="utf-8")
+    print(table([r for r in rows if "error" not in r]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
