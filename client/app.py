@@ -71,20 +71,25 @@ def _site_record(site: str, status: str, reason: str = "") -> ConfigRecord:
     return ConfigRecord({SITE_NAME: site, STATUS: status, REASON: reason})
 
 
+def _site_name(context: Context) -> str:
+    """The site's name from its node config, or its node id when it has none (a reply must name its sender)."""
+    return str(context.node_config.get("site-name", "") or f"node-{context.node_id}")
+
+
 def _internal_failure(msg: Message, context: Context, what: str) -> Message:
     """The reply of a site whose preparation raised an unexpected error: a fixed reason; the traceback stays here.
 
     An exception's text may carry values read from the site's files (Flower
     would send it whole in an error reply), so none of it leaves the site.
     """
-    site = str(context.node_config.get("site-name", "") or f"node-{context.node_id}")
+    site = _site_name(context)
     log(ERROR, "%s: the %s failed before it started:\n%s", site, what, traceback.format_exc())
     return Message(content=RecordDict({SITE_RECORD: _site_record(site, "refused", INTERNAL_ERROR)}), reply_to=msg)
 
 
 def _refusal(msg: Message, context: Context, err: Exception) -> Message:
     """The reply of a site that cannot take part: its data do not fit (details only in its log), or its settings."""
-    site = str(context.node_config.get("site-name", "") or f"node-{context.node_id}")
+    site = _site_name(context)
     log(ERROR, "%s: %s", site, err)
     # A data error's text names records and labels: it stays on site. Other config errors come from settings.
     reason = DATA_ERROR if isinstance(err, SiteDataError) else str(err)

@@ -19,7 +19,6 @@ the same run directory.
 
 from __future__ import annotations
 
-import math
 import time
 from datetime import datetime
 from logging import ERROR, INFO
@@ -37,7 +36,7 @@ from server.adapter_export import export_adapter
 from server.checkpoint import Checkpoint, open_resume, save_checkpoint, training_config
 from server.continual_run import ContinualRun
 from server.privacy_report import PrivacyWatch
-from server.progress import RunProgress, where_in_run
+from server.progress import RunProgress, mean_accuracy, where_in_run
 from server.report_page import write_report
 from server.round_guard import FAILED, RoundGuard, RunFailed
 from server.run_report import RunReport
@@ -171,8 +170,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         started["round"] = time.time()
         if stop:
             raise RunFailed(stop)
-        accuracies = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
-        return MetricRecord({"mean-accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan})
+        return MetricRecord({"mean-accuracy": mean_accuracy(rows)})
 
     stopped = None
     try:

@@ -148,13 +148,23 @@ def name_reasons(reasons: Mapping[str, str]) -> str:
     return "; ".join(shown)
 
 
+def site_accuracies(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Each evaluated site's accuracy in a round's rows."""
+    return {r["site"]: float(r["accuracy"]) for r in rows if r.get("accuracy") is not None}
+
+
+def mean_accuracy(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The unweighted mean accuracy over the sites evaluated in a round's rows; NaN when none was."""
+    accuracies = site_accuracies(rows)
+    return sum(accuracies.values()) / len(accuracies) if accuracies else math.nan
+
+
 def describe_accuracy(rows: Sequence[Mapping[str, Any]]) -> str:
     """``mean accuracy 0.918 (site-0 0.934, ...)``, or its range over the sites when there are many."""
-    accuracies = {r["site"]: float(r["accuracy"]) for r in rows if r.get("accuracy") is not None}
+    accuracies = site_accuracies(rows)
     if not accuracies:
         return "not evaluated"
-    mean = sum(accuracies.values()) / len(accuracies)
-    return f"mean accuracy {mean:.3f} ({per_site(accuracies, '{:.3f}')})"
+    return f"mean accuracy {mean_accuracy(rows):.3f} ({per_site(accuracies, '{:.3f}')})"
 
 
 def describe_epsilon(rows: Sequence[Mapping[str, Any]], target: float) -> str:

@@ -69,7 +69,7 @@ class RunRecord:
         """Each site's own budget as it reported it (a real site sets its own), else the run's; empty without DP."""
         if not self.dp:
             return {}
-        reported = {site: points[-1][1] for site, points in self.per_site("target_epsilon").items() if points}
+        reported = self.latest("target_epsilon")
         default = self.target_epsilon
         return {site: reported.get(site, default) for site in self.sites if site in reported or default is not None}
 
@@ -115,7 +115,7 @@ class RunRecord:
             return {
                 site: float(entry["epsilon"]) for site, entry in privacy.items() if entry.get("epsilon") is not None
             }
-        return {site: points[-1][1] for site, points in self.per_site("epsilon").items() if points}
+        return {site: float(value) for site, value in self.latest("epsilon").items()}
 
     def accuracy_matrix(self) -> list[list[float | None]]:
         """The continual run's accuracy matrix R[i][j] (row i: after experience i), empty for a plain run."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import threading
 import time
 from pathlib import Path
@@ -47,7 +46,6 @@ COMMON = {
     "round-timeout": 3600.0,
 }
 MODES = {"private": {"dp": True, "target-epsilon": 8.0}, "plain": {"dp": False}}
-ROUND_LINE = re.compile(r"fedcl: round (\d+)/(\d+) .*?done in ([0-9.]+) s")
 
 
 class MemoryPeak:
@@ -84,9 +82,11 @@ class MemoryPeak:
 
 
 def round_seconds(run_dir: Path) -> dict[int, float]:
-    """Each round's duration from the ServerApp's round lines in flower.log."""
-    text = (run_dir / "flower.log").read_text(encoding="utf-8", errors="replace")
-    return {int(m.group(1)): float(m.group(3)) for m in ROUND_LINE.finditer(text)}
+    """Each round's duration from the ServerApp's round lines in flower.log (``fedcl/pilot/run_log.py``)."""
+    from fedcl.pilot.run_log import round_timings
+
+    lines = (run_dir / "flower.log").read_text(encoding="utf-8", errors="replace").splitlines()
+    return {timing.round: timing.seconds for timing in round_timings((0.0, line) for line in lines)}
 
 
 def run_row(sites: int, mode: str, out_root: Path) -> dict[str, Any]:
