@@ -35,6 +35,7 @@ from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 from server.adapter_export import export_adapter
 from server.checkpoint import Checkpoint, open_resume, save_checkpoint, training_config
 from server.continual_run import ContinualRun
+from server.message_index import index_pending_messages
 from server.privacy_report import PrivacyWatch
 from server.progress import RunProgress, mean_accuracy, where_in_run
 from server.report_page import write_report
@@ -68,6 +69,7 @@ def resolve_run_dir(config: RunConfig) -> Path:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config; raise RunFailed (Flower: run failed) if it fails."""
+    index_pending_messages(getattr(grid, "state", None))  # simulation engine only: see server/message_index.py
     try:
         run_federation(grid, parse_run_config(context.run_config))
     except ConfigError as err:
@@ -129,6 +131,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     started = {"round": time.time()}
 
     def on_round_end(server_round: int, _arrays: ArrayRecord) -> MetricRecord:
+        own_work_started = time.perf_counter()
         train = strategy.train_replies.get(server_round, [])
         evaluated = strategy.evaluate_replies.get(server_round, [])
         failure = strategy.round_failures.get(server_round)
@@ -163,8 +166,14 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
         )
         if board is not None:  # after the checkpoint: a view must never cost the run its state
             write_tensorboard(board, server_round, rows, experience_row)
+        server_seconds = strategy.server_seconds.get(server_round, 0.0) + time.perf_counter() - own_work_started
         line = progress.round_line(
-            server_round, where_in_run(schedule(server_round)), rows, failure, time.time() - started["round"]
+            server_round,
+            where_in_run(schedule(server_round)),
+            rows,
+            failure,
+            time.time() - started["round"],
+            server_seconds=server_seconds,
         )
         log(ERROR if failure else INFO, "%s", line)
         started["round"] = time.time()

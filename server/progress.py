@@ -80,14 +80,21 @@ class RunProgress:
         rows: Sequence[Mapping[str, Any]],
         failure: str | None,
         seconds: float,
+        server_seconds: float | None = None,
     ) -> str:
-        """The line for a finished round; ``where`` is its phase and experience in words, e.g. ``probe, experience 1 of 3``."""
+        """The line for a finished round; ``where`` is its phase and experience in words, e.g. ``probe, experience 1 of 3``.
+
+        ``server_seconds``, when given, is the part of ``seconds`` the server
+        itself worked (messages, aggregation, report, checkpoint) rather than
+        waited for sites; it is shown as ``(server 0.4 s)``.
+        """
         self.seconds[server_round] = seconds
         self.elapsed += seconds
         counts = round_counts(rows)
         verdict = f" FAILED ({failure})" if failure else ""
+        server = "" if server_seconds is None else f" (server {server_seconds:.2f} s)"
         parts = [
-            f"fedcl: round {server_round}/{self.total_rounds} ({where}){verdict} done in {seconds:.1f} s",
+            f"fedcl: round {server_round}/{self.total_rounds} ({where}){verdict} done in {seconds:.1f} s{server}",
             describe_counts(counts),
             describe_accuracy(rows),
         ]

@@ -13,6 +13,9 @@ epsilon 8 per site; ``plain``: ``dp = false``. Measured per row:
 - wall seconds of the run and of each round (the ServerApp's round lines);
 - seconds per site-round: a round's seconds over its sites, for rounds 2 and
   3 (round 1 also loads the model and embeds every site's records);
+- the server's own work per site-round (building messages, aggregating,
+  the report rows and the checkpoint: the ``(server X s)`` of each round
+  line), rounds 2 and 3, in milliseconds;
 - peak memory: the machine's used memory above what it used before the run,
   sampled every 0.5 s (every process of the run: launcher, SuperLink,
   simulation, Ray and its workers; this is why benchmarks run alone);
@@ -81,12 +84,19 @@ class MemoryPeak:
         return (self.peak - self.baseline) / 2**20
 
 
-def round_seconds(run_dir: Path) -> dict[int, float]:
-    """Each round's duration from the ServerApp's round lines in flower.log (``fedcl/pilot/run_log.py``)."""
+def round_seconds(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """Each round's duration, and the server's own work in it, from the ServerApp's round lines in flower.log.
+
+    Read with ``fedcl/pilot/run_log.py::round_timings``; the server's part
+    (messages, aggregation, report, checkpoint: ``(server X s)``) is missing
+    from lines that do not carry it.
+    """
     from fedcl.pilot.run_log import round_timings
 
     lines = (run_dir / "flower.log").read_text(encoding="utf-8", errors="replace").splitlines()
-    return {timing.round: timing.seconds for timing in round_timings((0.0, line) for line in lines)}
+    timings = round_timings((0.0, line) for line in lines)
+    server = {t.round: t.server_seconds for t in timings if t.server_seconds is not None}
+    return {timing.round: timing.seconds for timing in timings}, server
 
 
 def run_row(sites: int, mode: str, out_root: Path) -> dict[str, Any]:
@@ -96,8 +106,9 @@ def run_row(sites: int, mode: str, out_root: Path) -> dict[str, Any]:
     overrides = {**COMMON, **MODES[mode], "num-sites": sites}
     with MemoryPeak() as memory:
         run = fresh_run(overrides, out_root / f"{mode}-{sites}", cpus_per_site=1)
-    rounds = round_seconds(run.run_dir)
+    rounds, server = round_seconds(run.run_dir)
     later = [rounds[r] for r in sorted(rounds) if r > 1]
+    server_later = [server[r] for r in sorted(server) if r > 1]
     summary = run.summary
     return {
         "sites": sites,
@@ -108,6 +119,10 @@ def run_row(sites: int, mode: str, out_root: Path) -> dict[str, Any]:
         "round_seconds": {str(r): s for r, s in sorted(rounds.items())},
         "site_round_seconds": round(sum(later) / (len(later) * sites), 4) if later else None,
         "first_round_seconds": rounds.get(1),
+        "server_round_seconds": {str(r): s for r, s in sorted(server.items())},
+        "server_site_round_ms": round(1000 * sum(server_later) / (len(server_later) * sites), 3)
+        if server_later
+        else None,
         "peak_mb": round(memory.peak_mb, 1),
         "peak_mb_per_site": round(memory.peak_mb / sites, 3),
         "bytes_up": summary["bytes"]["up_total"],
@@ -119,15 +134,18 @@ def run_row(sites: int, mode: str, out_root: Path) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table."""
     lines = [
-        "| sites | mode | accuracy | max epsilon | wall s | round 1 s | s per site-round (rounds 2-3) | peak MB | MB up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| sites | mode | accuracy | max epsilon | wall s | round 1 s | rounds 2, 3 s | s per site-round (rounds 2-3) "
+        "| server ms per site-round | peak MB | MB up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         eps = "-" if r["max_epsilon"] is None else f"{r['max_epsilon']:.2f}"
+        later = ", ".join(f"{s:.1f}" for k, s in r["round_seconds"].items() if k != "1")
+        server = "-" if r.get("server_site_round_ms") is None else f"{r['server_site_round_ms']:.2f}"
         lines.append(
             f"| {r['sites']} | {r['mode']} | {r['accuracy']:.3f} | {eps} | {r['wall_seconds']:.0f} | "
-            f"{r['first_round_seconds']:.1f} | {r['site_round_seconds']:.4f} | {r['peak_mb']:.0f} | "
-            f"{r['bytes_up'] / 1e6:.1f} |"
+            f"{r['first_round_seconds']:.1f} | {later} | {r['site_round_seconds']:.4f} | {server} | "
+            f"{r['peak_mb']:.0f} | {r['bytes_up'] / 1e6:.1f} |"
         )
     return "\n".join(lines)
 

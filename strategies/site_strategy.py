@@ -29,7 +29,9 @@ continues a run: hooks and ``evaluate_fn`` see the true round numbers. No torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -162,6 +164,7 @@ class SiteStrategy(Strategy):
         self.committed: tuple[Arrays, Arrays] = ({}, {})  # (global arrays, aggregator state) before this round
         self.evaluation_sampling = evaluation_sampling or EvaluationSampling()
         self.not_asked: dict[int, set[int]] = {}  # round -> connected nodes the sample left out of evaluation
+        self.server_seconds: dict[int, float] = {}  # round -> the server's own work (messages, aggregation), not waits
 
     # --- the loop --------------------------------------------------------------------------------------------
 
@@ -251,7 +254,21 @@ class SiteStrategy(Strategy):
         asked = len(self.sent.get((server_round, "evaluate"), []))
         return max(1, math.ceil(self.required_replies * asked / (asked + left_out)))
 
+    @contextmanager
+    def _server_work(self, server_round: int) -> Iterator[None]:
+        """Add the time the block takes to ``server_seconds[server_round]`` (the run's round number)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - started
+            self.server_seconds[server_round] = self.server_seconds.get(server_round, 0.0) + spent
+
     def _messages(self, server_round: int, kind: str, nodes: list[int], entries: dict[str, Any]) -> list[Message]:
+        with self._server_work(server_round):
+            return self._build_messages(server_round, kind, nodes, entries)
+
+    def _build_messages(self, server_round: int, kind: str, nodes: list[int], entries: dict[str, Any]) -> list[Message]:
         arrays = to_record(self.wire.downlink(server_round, self.current, kind))
         self.bytes_down[(server_round, kind)] = arrays.count_bytes()
         self.sent[(server_round, kind)] = list(nodes)
@@ -275,7 +292,12 @@ class SiteStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the accepted updates if the round has enough usable replies; record every reply."""
-        server_round = self.true_round(server_round)
+        with self._server_work(self.true_round(server_round)):
+            return self._aggregate_train(self.true_round(server_round), replies)
+
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         records: list[SiteReply] = []
         pending: list[tuple[SiteUpdate, SiteReply]] = []
         for reply, content in self._identified(server_round, "train", replies, records):
@@ -341,7 +363,10 @@ class SiteStrategy(Strategy):
 
         Returns the unweighted mean accuracy over the sites that evaluated.
         """
-        server_round = self.true_round(server_round)
+        with self._server_work(self.true_round(server_round)):
+            return self._aggregate_evaluate(self.true_round(server_round), replies)
+
+    def _aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         records: list[SiteReply] = []
         for reply, _ in self._identified(server_round, "evaluate", replies, records):
             status = str(reply.info.get(STATUS, "evaluated"))

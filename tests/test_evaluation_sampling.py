@@ -50,3 +50,5 @@ def test_sites_left_out_of_a_sampled_evaluation_are_not_missing_and_the_round_do
         assert len(evaluate) == expected
         assert [r.status for r in replies] == ["evaluated"] * expected  # nobody marked missing
         assert server_round not in strategy.round_failures
+    assert sorted(strategy.server_seconds) == [1, 2, 3]  # messages and aggregation of every round are timed
+    assert all(0 < seconds < 5 for seconds in strategy.server_seconds.values())

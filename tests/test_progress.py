@@ -132,3 +132,15 @@ def test_the_launcher_shows_fedcl_lines_and_errors_and_hides_repeats_of_what_it_
     assert terminal_line("INFO :      fedcl: site 'site-3' bound to node 123\n") is None
     assert terminal_line("INFO :      [ROUND 2/21]\n") is None
     assert terminal_line("ERROR :     something broke\n") == "ERROR :     something broke"
+
+
+def test_the_servers_own_work_is_shown_and_read_back_by_the_pilots_round_reader():
+    from fedcl.pilot.run_log import round_timings
+
+    progress = RunProgress(total_rounds=2, phase_of=phases, target_epsilon=None)
+    line = progress.round_line(1, "probe", [row("site-0")], None, 12.5, server_seconds=0.375)
+    assert "round 1/2 (probe) done in 12.5 s (server 0.38 s); 1 of 1 sites answered" in line
+    older = "fedcl: round 2/2 (probe) done in 3.0 s; 1 of 1 sites answered: 1 trained"  # a line from before the field
+    (first, second) = round_timings([(0.0, line), (1.0, older)])
+    assert (first.seconds, first.server_seconds) == (12.5, 0.38)
+    assert (second.seconds, second.server_seconds) == (3.0, None)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-ROUND_DONE = re.compile(r"fedcl: round (\d+)/(\d+) .*?done in ([0-9.]+) s")
+ROUND_DONE = re.compile(r"fedcl: round (\d+)/(\d+) .*?done in ([0-9.]+) s(?: \(server ([0-9.]+) s\))?")
 RECEIVING = re.compile(r"Receiving: (\w+) message")
 APP_START = re.compile(r"Start `flwr-clientapp` process")
 SENT = re.compile(r"Sent successfully")
@@ -22,11 +22,15 @@ SENT = re.compile(r"Sent successfully")
 
 @dataclass(frozen=True)
 class RoundTiming:
-    """One round: its number, when its end line reached the follower (``time.time()``), and its own duration."""
+    """One round: its number, when its end line reached the follower (``time.time()``), its own duration.
+
+    ``server_seconds``: the part of it the server itself worked, when the line says so.
+    """
 
     round: int
     ended_at: float
     seconds: float
+    server_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ def round_timings(lines: Iterable[tuple[float, str]]) -> list[RoundTiming]:
     for arrived, line in lines:
         match = ROUND_DONE.search(line)
         if match and int(match.group(1)) not in timings:
-            timings[int(match.group(1))] = RoundTiming(int(match.group(1)), arrived, float(match.group(3)))
+            server = float(match.group(4)) if match.group(4) else None
+            timings[int(match.group(1))] = RoundTiming(int(match.group(1)), arrived, float(match.group(3)), server)
     return [timings[number] for number in sorted(timings)]
 
 
