@@ -1,0 +1,315 @@
+"""Benchmark: the nearest-class-mean release under secure aggregation with distributed discrete Gaussian noise.
+
+The project's closed-form private head (the ``ncm`` recipe's class sums of ``[a x, b]``, scored by the shipped rule
+4c of ``simulations/bench_private_heads.py``: debiased cosine x kappa plus the log class prior) on the same
+scenarios and features as that benchmark (``clinc150-large-plain``: 3 IID sites, 1,500 train records each, all 150
+intents at once; ``clinc150-large``: the 5-experience stream; ``medquad``). Rows, each at epsilon 8 and delta 1e-5 per
+site (add/remove one record), the noise priced by the project's RDP filter:
+
+1. non-private (the same rule without noise);
+2. per-site noise (what ships: each site adds the whole Gaussian noise, the server sums n of them);
+3. noise once (reference): continuous Gaussian of the same total std added once to the sum, what an ideal secure
+   aggregation with distributed noise allows;
+4. secure aggregation, distributed discrete Gaussian, ``min-honest`` = n sites: the real mechanism code end to
+   end. Each site quantises each record's row (``fedcl.secure_quantization.quantize_records``: scale 2^12,
+   conditional randomised rounding to the integer-domain norm bound), sums them per class in integers, adds its
+   share of discrete Gaussian noise (``client.distributed_noise.discrete_gaussian_noise``, OpenDP), wraps mod
+   2^bits; the four SecAgg stages run between site and server objects (``fedcl.secure_aggregation``); the server
+   unwraps and dequantises the sum. The local sigma comes from the ledger entry
+   ``client.distributed_noise.gaussian_equivalent_steps``, whose RDP dominates the distributed discrete Gaussian
+   bound at every order, priced by the same RDP filter as rows 2 and 3;
+5. the same with ``min-honest`` = n - 1 (the weaker trust assumption costs noise).
+
+Also measured, in-process (no network): the protocol's time per site and the server's, and the bytes a site sends,
+for 3, 10 and 30 sites on one release of the CLINC150 size (150 classes x 385 coordinates).
+
+Usage: ``python -m simulations.bench_secure_ncm [--scenarios ...] [--seeds 3] [--out runs/bench_secure_ncm.json]``.
+Prints Markdown tables and writes JSON. Features come from ``bench_private_heads``' cache (/tmp/heads/features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulations.bench_private_heads import (
+    Scenario,
+    cumulative,
+    debiased_units,
+    evaluate,
+    linear_scorer,
+    load_scenario,
+    release_sigma,
+    row_noise,
+    seen_mask,
+    unpack_counts,
+)
+from strategies.ncm_sums import COUNT_WEIGHT, SCORE_SCALE
+
+SCALE = 2.0**12  # integer units per feature unit: rounding adds variance <= 1/4 unit^2 per coordinate per record
+BITS = 40  # checked against every release's bound (fedcl.secure_quantization.check_sum_fits)
+BETA = math.exp(-0.5)  # conditional rounding's rejection level (Kairouz et al.): the norm bound's slack
+EPSILON = 8.0
+
+
+def release_rows(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The rows a record contributes: ``[a x, b]`` with unit x, so norm 1."""
+    return np.hstack([a * x, np.full((len(x), 1), b)])
+
+
+def ledger_noise_multiplier(epsilon: float) -> float:
+    """The smallest noise multiplier of one sensitivity-1 release that the project's RDP filter prices within epsilon."""
+    return release_sigma(epsilon)
+
+
+def distributed_local_sigma(epsilon: float, norm_bound: float, n_honest: int, dim: int) -> tuple[float, float]:
+    """(local sigma in integer units, the ledger entry's noise multiplier) for one release at ``epsilon``.
+
+    The smallest local sigma whose dominating ledger entry (``gaussian_equivalent_steps``) the RDP filter prices
+    within epsilon.
+    """
+    from client.distributed_noise import gaussian_equivalent_steps, local_sigma_for
+
+    target = ledger_noise_multiplier(epsilon)
+    local = local_sigma_for(target, norm_bound, n_honest)
+    while True:  # tau is negligible at these sigmas; nudge up until the dominating entry is as noisy as the target
+        entry = gaussian_equivalent_steps(norm_bound, local, n_honest, dim)
+        if entry.noise_multiplier >= target:
+            return local, entry.noise_multiplier
+        local *= 1.0001
+
+
+def secure_sum(vectors: dict[int, np.ndarray], bits: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Run the four SecAgg stages in-process over ``vectors`` (uint64 words mod 2**bits); the sum and the costs."""
+    from fedcl.secure_aggregation import SecureSumServer, SiteState
+
+    n = len(vectors)
+    threshold = n // 2 + 1
+    costs = {"site_seconds": 0.0, "server_seconds": 0.0, "site_bytes_up": 0.0}
+    server = SecureSumServer(threshold, bits)
+    clock = time.perf_counter
+    states = {}
+    for site in vectors:
+        started = clock()
+        states[site] = SiteState.start(site)
+        keys = states[site].advertised_keys()
+        costs["site_seconds"] += clock() - started
+        server.add_public_keys(site, keys)
+    request = server.share_keys_request()
+    for site, state in states.items():
+        started = clock()
+        shares = state.share_keys(request)
+        costs["site_seconds"] += clock() - started
+        costs["site_bytes_up"] += sum(len(c) for c in shares.ciphertexts.values())
+        server.add_encrypted_shares(site, shares)
+    for site, state in states.items():
+        started = clock()
+        masked = state.mask_input(server.mask_request(site), vectors[site])
+        costs["site_seconds"] += clock() - started
+        costs["site_bytes_up"] += masked.nbytes  # int64 words, as an ArrayRecord would carry them
+        server.add_masked_vector(site, masked)
+    unmask = server.unmask_request()
+    replies = {}
+    for site, state in states.items():
+        started = clock()
+        replies[site] = state.reveal_shares(unmask, min_survivors=threshold)
+        costs["site_seconds"] += clock() - started
+        costs["site_bytes_up"] += sum(len(s) for s in replies[site].seed_shares.values())
+    started = clock()
+    total = server.unmask(replies)
+    costs["server_seconds"] = clock() - started
+    return total, {k: v / (n if k.startswith("site") else 1) for k, v in costs.items()}
+
+
+def secure_release(scenario: Scenario, a: float, b: float, n_honest: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Per experience, the server's dequantised sum of the sites' securely aggregated, distributed-noise releases."""
+    from client.distributed_noise import discrete_gaussian_noise
+    from fedcl.secure_quantization import (
+        check_sum_fits,
+        dequantize,
+        from_modular,
+        quantize_records,
+        rounded_norm_bound,
+        to_modular,
+    )
+
+    dim = scenario.sites[0].train_x.shape[1] + 1
+    norm_bound = rounded_norm_bound(SCALE, dim, BETA)
+    parts, infos = [], []
+    for e, classes in enumerate(scenario.experience_labels):
+        coordinates = len(classes) * dim
+        local, multiplier = distributed_local_sigma(EPSILON, norm_bound, n_honest, coordinates)
+        records = sum(int((site.train_e == e).sum()) for site in scenario.sites)
+        check_sum_fits(BITS, records * norm_bound, math.sqrt(len(scenario.sites)) * local, coordinates)
+        words = {}
+        for index, site in enumerate(scenario.sites):
+            rows = site.train_e == e
+            ints = quantize_records(release_rows(site.train_x[rows], a, b), SCALE, norm_bound, rng)
+            sums = np.zeros((scenario.num_classes, dim), dtype=np.int64)
+            np.add.at(sums, site.train_y[rows], ints)
+            share = sums[classes] + discrete_gaussian_noise((len(classes), dim), local)
+            words[index + 1] = to_modular(share.reshape(-1), BITS)
+        total, costs = secure_sum(words, BITS)
+        release = np.zeros((scenario.num_classes, dim))
+        release[classes] = dequantize(from_modular(total, BITS), SCALE).reshape(len(classes), dim)
+        parts.append(release)
+        infos.append({"local_sigma": local, "ledger_noise_multiplier": multiplier, "norm_bound": norm_bound, **costs})
+    total_sd = math.sqrt(len(scenario.sites)) * infos[0]["local_sigma"] / SCALE  # every site adds its share
+    return {"parts": parts, "noise_sd": total_sd, "info": infos[0]}
+
+
+def prior_rule(scenario: Scenario, parts: list[np.ndarray], noise_var: float, count_sd: float, a: float, b: float):
+    """The shipped scoring rule 4c on the server's running sums: kappa x debiased cosine + log prior."""
+    scorers = []
+    for k, release in enumerate(cumulative(parts)):
+        sums, counts = unpack_counts(release, a, b)
+        prior = np.log(np.maximum(counts, count_sd) / max(counts[seen_mask(scenario, k)].sum(), 1.0))
+        scorers.append(linear_scorer(SCORE_SCALE * debiased_units(sums, noise_var), prior))
+    return scorers
+
+
+def plain_parts(scenario: Scenario, a: float, b: float, noise) -> list[np.ndarray]:
+    """Per experience, the sum over sites of the float release plus each site's ``noise`` (None: none)."""
+    dim = scenario.sites[0].train_x.shape[1] + 1
+    out = []
+    for e, classes in enumerate(scenario.experience_labels):
+        total = np.zeros((scenario.num_classes, dim))
+        for site in scenario.sites:
+            rows = site.train_e == e
+            value = np.zeros_like(total)
+            np.add.at(value, site.train_y[rows], release_rows(site.train_x[rows], a, b))
+            total += value if noise is None else value + noise(value, classes)
+        out.append(total)
+    return out
+
+
+def measure(scenario: Scenario, seeds: int) -> list[dict[str, Any]]:
+    """Every row on one scenario: mean, min and max accuracy over noise seeds."""
+    b = COUNT_WEIGHT
+    a = math.sqrt(1 - b * b)
+    n = len(scenario.sites)
+    sigma = ledger_noise_multiplier(EPSILON)
+    rows = []
+
+    def row(name: str, make, private: bool = True) -> None:
+        started = time.time()
+        results, info = [], {}
+        for seed in range(seeds if private else 1):
+            rng = np.random.default_rng(seed)
+            parts, noise_sd, info = make(rng)
+            count_sd = max(noise_sd / b, 0.5)
+            scorers = prior_rule(scenario, parts, (noise_sd / a) ** 2, count_sd, a, b)
+            results.append(evaluate(scenario, scorers)["accuracy"])
+        rows.append(
+            {
+                "scenario": scenario.name,
+                "row": name,
+                "accuracy": float(np.mean(results)),
+                "accuracy_min": float(min(results)),
+                "accuracy_max": float(max(results)),
+                "noise_sd_of_sum": noise_sd,
+                "info": info,
+                "seconds": time.time() - started,
+            }
+        )
+        print(f"  {name}: {rows[-1]['accuracy']:.3f}", flush=True)
+
+    row("1 non-private", lambda rng: (plain_parts(scenario, a, b, None), 0.0, {}), private=False)
+    row(
+        "2 per-site noise (ships today)",
+        lambda rng: (plain_parts(scenario, a, b, row_noise(sigma, rng)), math.sqrt(n) * sigma, {"sigma": sigma}),
+    )
+    row(
+        "3 noise once on the sum (continuous reference)",
+        lambda rng: (plain_parts(scenario, a, b, row_noise(sigma / math.sqrt(n), rng)), sigma, {"sigma": sigma}),
+    )
+    for honest in (n, n - 1):
+
+        def secure(rng: np.random.Generator, honest: int = honest):
+            out = secure_release(scenario, a, b, honest, rng)
+            return out["parts"], out["noise_sd"], out["info"]
+
+        row(f"4 secure aggregation + distributed discrete Gaussian, min-honest {honest} of {n}", secure)
+    return rows
+
+
+def protocol_costs(site_counts: list[int], classes: int = 150, dim: int = 385) -> list[dict[str, Any]]:
+    """The in-process cost of one secure release of ``classes x dim`` coordinates for each number of sites."""
+    from client.distributed_noise import discrete_gaussian_noise
+    from fedcl.secure_quantization import to_modular
+
+    out = []
+    for n in site_counts:
+        started = time.perf_counter()
+        words = {i + 1: to_modular(discrete_gaussian_noise(classes * dim, 100.0), BITS) for i in range(n)}
+        noise_seconds = (time.perf_counter() - started) / n
+        _, costs = secure_sum(words, BITS)
+        out.append(
+            {
+                "sites": n,
+                "coordinates": classes * dim,
+                "site_protocol_seconds": costs["site_seconds"],
+                "site_noise_seconds": noise_seconds,
+                "server_unmask_seconds": costs["server_seconds"],
+                "site_bytes_up": costs["site_bytes_up"],
+                "plain_bytes_up": classes * dim * 8,  # float64 release without secure aggregation
+                "wall_seconds": time.perf_counter() - started,
+            }
+        )
+        print(f"  {n} sites: {out[-1]}", flush=True)
+    return out
+
+
+def tables(rows: list[dict[str, Any]], costs: list[dict[str, Any]]) -> str:
+    """Markdown: accuracy per scenario and row; protocol cost per number of sites."""
+    lines = [
+        "| scenario | release | accuracy mean (min-max over noise seeds) | noise std of the sum |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['row']} | {r['accuracy']:.3f} ({r['accuracy_min']:.3f}-{r['accuracy_max']:.3f}) "
+            f"| {r['noise_sd_of_sum']:.3f} |"
+        )
+    lines += [
+        "",
+        "| sites | site: protocol s | site: noise s | server: unmask s | site bytes up (secure) | site bytes up (plain) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in costs:
+        lines.append(
+            f"| {c['sites']} | {c['site_protocol_seconds']:.3f} | {c['site_noise_seconds']:.3f} | "
+            f"{c['server_unmask_seconds']:.2f} | {c['site_bytes_up'] / 1e3:.0f} kB | {c['plain_bytes_up'] / 1e3:.0f} kB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure each scenario's rows and the protocol's cost; print tables and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", nargs="*", default=["clinc150-large-plain", "clinc150-large", "medquad"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--sites", type=int, nargs="*", default=[3, 10, 30])
+    parser.add_argument("--out", default="runs/bench_secure_ncm.json")
+    args = parser.parse_args(argv)
+    rows: list[dict[str, Any]] = []
+    for name in args.scenarios:
+        print(f"bench_secure_ncm: {name}", flush=True)
+        rows += measure(load_scenario(name), args.seeds)
+    print("bench_secure_ncm: protocol cost", flush=True)
+    costs = protocol_costs(args.sites)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "costs": costs}, indent=1, default=float), encoding="utf-8")
+    print(tables(rows, costs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
