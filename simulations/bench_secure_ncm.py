@@ -59,8 +59,9 @@ EPSILON = 8.0
 
 
 def release_rows(x: np.ndarray, a: float, b: float) -> np.ndarray:
-    """The rows a record contributes: ``[a x, b]`` with unit x, so norm 1."""
-    return np.hstack([a * x, np.full((len(x), 1), b)])
+    """The rows a record contributes: ``[a x, b]`` with unit x, clipped to norm 1 as the site clips its rows."""
+    rows = np.hstack([a * x, np.full((len(x), 1), b)])
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1.0)
 
 
 def ledger_noise_multiplier(epsilon: float) -> float:
