@@ -16,9 +16,11 @@ epsilon 8 per site; ``plain``: ``dp = false``. Measured per row:
 - the server's own work per site-round (building messages, aggregating,
   the report rows and the checkpoint: the ``(server X s)`` of each round
   line), rounds 2 and 3, in milliseconds;
-- peak memory: the machine's used memory above what it used before the run,
-  sampled every 0.5 s (every process of the run: launcher, SuperLink,
-  simulation, Ray and its workers; this is why benchmarks run alone);
+- peak memory of the run's own processes (launcher, ``flwr run``, SuperLink,
+  simulation, Ray and its workers): the sum of their PSS, sampled every
+  0.5 s (:class:`RunMemoryPeak`; other processes on the machine do not
+  count); and, as before, the machine's used memory above what it used
+  before the run (every process on the machine: why benchmarks run alone);
 - bytes up and down (summary.json).
 
 Prints a table and writes JSON. The default ``make run`` is untouched.
@@ -84,6 +86,72 @@ class MemoryPeak:
         return (self.peak - self.baseline) / 2**20
 
 
+class RunMemoryPeak:
+    """The peak memory of one run's own processes: the sum of their PSS, sampled in a thread (psutil).
+
+    A run's processes are this launcher and every process whose environment
+    carries the run's virtual-site settings (``client.site_policy.SIMULATION_ENV``
+    naming ``run_dir``): ``flwr run``, the SuperLink, the simulation process,
+    Ray's daemons and its workers all inherit it from the launcher. Other
+    sessions' processes on the machine do not count, unlike :class:`MemoryPeak`.
+    PSS (proportional set size) counts a page shared by k processes (the
+    torch libraries both workers map) as 1/k in each, so the sum is the
+    memory the run holds, without counting shared pages twice.
+    """
+
+    def __init__(self, run_dir: Path, every: float = 0.5) -> None:
+        import os
+
+        import psutil
+
+        from client.site_policy import SIMULATION_ENV
+
+        self.psutil = psutil
+        self.own_pid = os.getpid()
+        self.variable = SIMULATION_ENV
+        self.marker = str(run_dir.resolve())
+        self.every = every
+        self.peak = 0
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def run_processes(self) -> list[Any]:
+        """This process and every process whose environment names the run directory."""
+        found = []
+        for process in self.psutil.process_iter():
+            try:
+                if process.pid == self.own_pid or self.marker in process.environ().get(self.variable, ""):
+                    found.append(process)
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                continue
+        return found
+
+    def sample(self) -> None:
+        """Keep the highest total until stopped."""
+        while self.running:
+            total = 0
+            for process in self.run_processes():
+                try:
+                    total += process.memory_full_info().pss
+                except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                    continue
+            self.peak = max(self.peak, total)
+            time.sleep(self.every)
+
+    def __enter__(self) -> RunMemoryPeak:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.running = False
+        self.thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        """The run's peak PSS total, in MiB."""
+        return self.peak / 2**20
+
+
 def round_seconds(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
     """Each round's duration, and the server's own work in it, from the ServerApp's round lines in flower.log.
 
@@ -104,8 +172,9 @@ def run_row(sites: int, mode: str, out_root: Path) -> dict[str, Any]:
     from simulations.run import fresh_run, largest_epsilon
 
     overrides = {**COMMON, **MODES[mode], "num-sites": sites}
-    with MemoryPeak() as memory:
-        run = fresh_run(overrides, out_root / f"{mode}-{sites}", cpus_per_site=1)
+    folder = out_root / f"{mode}-{sites}"
+    with MemoryPeak() as memory, RunMemoryPeak(folder) as run_memory:
+        run = fresh_run(overrides, folder, cpus_per_site=1)
     rounds, server = round_seconds(run.run_dir)
     later = [rounds[r] for r in sorted(rounds) if r > 1]
     server_later = [server[r] for r in sorted(server) if r > 1]
@@ -124,6 +193,7 @@ def run_row(sites: int, mode: str, out_root: Path) -> dict[str, Any]:
         if server_later
         else None,
         "peak_mb": round(memory.peak_mb, 1),
+        "run_peak_pss_mb": round(run_memory.peak_mb, 1),
         "peak_mb_per_site": round(memory.peak_mb / sites, 3),
         "bytes_up": summary["bytes"]["up_total"],
         "bytes_down": summary["bytes"]["down_total"],
@@ -135,8 +205,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table."""
     lines = [
         "| sites | mode | accuracy | max epsilon | wall s | round 1 s | rounds 2, 3 s | s per site-round (rounds 2-3) "
-        "| server ms per site-round | peak MB | MB up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server ms per site-round | run's peak PSS MB | machine peak MB | MB up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         eps = "-" if r["max_epsilon"] is None else f"{r['max_epsilon']:.2f}"
@@ -145,7 +215,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['sites']} | {r['mode']} | {r['accuracy']:.3f} | {eps} | {r['wall_seconds']:.0f} | "
             f"{r['first_round_seconds']:.1f} | {later} | {r['site_round_seconds']:.4f} | {server} | "
-            f"{r['peak_mb']:.0f} | {r['bytes_up'] / 1e6:.1f} |"
+            f"{r.get('run_peak_pss_mb', float('nan')):.0f} | {r['peak_mb']:.0f} | {r['bytes_up'] / 1e6:.1f} |"
         )
     return "\n".join(lines)
 
