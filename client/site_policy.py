@@ -13,6 +13,9 @@ where the site's policy lives:
 - ``nominal-records``: the site's public record count, from which every
   sample rate is computed. Default: the size of the site's training split,
   which is then declared public (README).
+- ``secagg-min-honest`` (0: none of its own): under secure aggregation, the
+  fewest sites the site lets a secure sum hold (``client/secure_stages.py``):
+  a run whose ``secagg-min-honest`` is lower is refused.
 
 The run config may *propose* ``dp``, ``target-epsilon``, ``delta`` and
 ``accountant``; a proposal that disagrees with the site's policy is refused
@@ -56,6 +59,7 @@ class SitePolicy:
     accountant: str
     state_dir: Path
     nominal_records: int  # 0: the training split's size, declared public
+    secagg_min_honest: int = 0  # the fewest sites in a secure sum this site takes part in; 0: the run's n_h
 
     def __post_init__(self) -> None:
         if not (
@@ -72,6 +76,11 @@ class SitePolicy:
             raise ConfigError(
                 f"node config 'nominal-records' = {self.nominal_records!r}: use the site's public "
                 "record count (or 0: the training split's size, declared public)"
+            )
+        if self.secagg_min_honest < 0:
+            raise ConfigError(
+                f"node config 'secagg-min-honest' = {self.secagg_min_honest!r}: use 0 (the run's) or the fewest sites "
+                "this site trusts to add their noise share, e.g. 3"
             )
 
     def nominal(self, actual_records: int) -> int:
@@ -127,11 +136,14 @@ def site_policy(node_config: Mapping[str, Any], environ: Mapping[str, str] | Non
             accountant=str(values["accountant"]),
             state_dir=folder,
             nominal_records=int(node_config.get("nominal-records", 0)),
+            secagg_min_honest=int(node_config.get("secagg-min-honest", 0)),
         )
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"node config: {err}; use numbers for target-epsilon, delta and nominal-records") from err
+        raise ConfigError(
+            f"node config: {err}; use numbers for target-epsilon, delta, nominal-records and secagg-min-honest"
+        ) from err
 
 
 def check_proposal(policy: SitePolicy, config: RunConfig) -> None:
