@@ -377,7 +377,7 @@ class SiteStrategy(Strategy):
         try:
             total = self.secure.finish(self.grid, server_round, releases, self.round_config(server_round))
         except SecureRoundError as err:
-            self._fail(server_round, "training", records, str(err))
+            self._fail(server_round, "training", records, f"secure aggregation: {err}")
             return None, None
         self.current = self.aggregator.aggregate(self.current, [SiteUpdate("secure-sum", total, 0)])
         self.round_diagnostics[server_round] = {"rejected": 0}
