@@ -156,6 +156,23 @@ class SiteBudget:
             return 0.0  # a damaged hint only costs a new calibration; the ledger is what guards the budget
 
 
+def fresh_noise_multiplier(
+    policy: SitePolicy, plan: Sequence[Segment], fixed: Sequence[Entry] = (), proposed: float = 0.0
+) -> float:
+    """The noise multiplier a site of ``policy`` with an empty ledger would choose for ``plan`` (nothing is saved).
+
+    The common noise level of a secure round: every honest site with the
+    run's policy and plan and a fresh ledger chooses exactly this value
+    (``proposed > 0``: that value), and one whose ledger holds earlier
+    releases a larger one (``client/site_round.py`` refuses it).
+    """
+    if proposed > 0:
+        return float(proposed)
+    ledger = PrivacyLedger(target_epsilon=policy.target_epsilon, delta=policy.delta)
+    segments = [(float(q), int(n), groups) for q, n, groups in plan if n > 0]
+    return _smallest_fitting(ledger, lambda sigma: [*fixed, *((sigma, q, n, g) for q, n, g in segments)])
+
+
 def _smallest_fitting(ledger: PrivacyLedger, entries: Callable[[float], list[Entry]]) -> float:
     """Bisection (in log sigma) for the smallest sigma whose entries the filter lets through."""
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import INFO
@@ -62,13 +63,18 @@ from client.privacy_ledger import BudgetError, Entry
 from client.replay_buffer import held_groups, training_pool
 from client.secure_noise import NoiseSource
 from client.secure_release import SecureRound, distributed_release
-from client.site_budget import Segment, SiteBudget, open_budget
+from client.site_budget import Segment, SiteBudget, fresh_noise_multiplier, open_budget
 from client.site_policy import SitePolicy
 from client.site_runtime import SiteRuntime
 from client.site_state import SiteState, log_local_metrics
 from fedcl.atomic_files import write_json_atomic
 from fedcl.experience_schedule import LORA, NCM, PROBE
 from fedcl.protocol import PHASE, SERVER_ROUND
+
+NOISE_DIFFERS = (
+    "this site's noise level differs from the one a fresh site with the run's policy and plan chooses (its ledger "
+    "holds earlier releases): secure aggregation needs one noise level at every site"
+)
 
 
 @dataclass
@@ -328,6 +334,10 @@ def _run(
             return RoundResult(
                 "skipped", f"privacy budget: {err}", {**facts, **budget.facts(), "stopped-for-budget": 1}
             )
+        if secure is not None and not math.isclose(
+            sigma, fresh_noise_multiplier(policy, segments, fixed, config.noise_multiplier), rel_tol=1e-9
+        ):
+            return RoundResult("refused", NOISE_DIFFERS, facts)
     else:
         sigma = 0.0
     main = plan.phase_mechanism(phase, experience, sigma, clip)

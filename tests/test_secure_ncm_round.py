@@ -128,16 +128,17 @@ def site_answers(flat, tmp_path, captured: Captured | None = None, drop_train: i
     return {node: answer_for(node) for node in NODES}, contexts
 
 
-def run_one_round(flat, grid):
-    from server.continual_run import ContinualRun  # noqa: F401  (the ncm strategy comes from the run's setup)
+def run_one_round(flat, grid, rounds=(1,)):
+    """The run's own strategy for the ncm recipe (``server/strategy_setup.py``), driven through ``rounds``."""
     from server.strategy_setup import build_strategy
     from strategies.ncm_aggregator import ClassSumAggregator
 
     config = parse_run_config(flat)
     strategy = build_strategy(config, lambda r: {"phase": "ncm"}, aggregator=ClassSumAggregator())
     strategy.poll_seconds = 0.01
-    train = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
-    strategy.aggregate_train(1, grid.send_and_receive(train))
+    for server_round in rounds:
+        train = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        strategy.aggregate_train(server_round, grid.send_and_receive(train))
     return strategy
 
 
@@ -274,6 +275,31 @@ def test_a_site_whose_own_minimum_is_above_the_runs_refuses_from_the_first_stage
     assert {r.status for r in replies} == {"refused"} and all(TOO_FEW_HONEST in r.reason for r in replies)
 
 
+def test_a_stream_releases_each_experience_at_one_common_noise_level_and_a_site_with_history_refuses(
+    tiny_model_dir, tmp_path, task_identity
+):
+    from client.site_round import NOISE_DIFFERS
+
+    flat = flat_config(tiny_model_dir, stream="class-incremental", **{"num-experiences": 2})
+    forget_process_state()
+    answers, contexts = site_answers(flat, tmp_path)
+    strategy = run_one_round(flat, RecordingGrid(answers), rounds=(1, 2))
+    assert not strategy.round_failures and strategy.updated_rounds == {1, 2}
+    ledgers = [PrivacyLedger.load(tmp_path / f"site-{i}" / "privacy_ledger.json") for i in range(3)]
+    assert all(len(ledger.history) == 2 for ledger in ledgers)
+    assert len({ledger.history[1] for ledger in ledgers}) == 1  # one noise level at every site, both experiences
+    assert ledgers[0].history[0] == ledgers[0].history[1]
+    assert np.count_nonzero(np.abs(strategy.current["class-sums"]).sum(axis=1)) == len(strategy.current["class-sums"])
+
+    # A later run on the same state directories: experience 0's records were released already, so a fresh site's
+    # noise level no longer fits these sites' budgets; each refuses rather than add less than it assumes of others.
+    for context in contexts.values():
+        context.run_id = 2
+    again = run_one_round(flat, RecordingGrid(answers))
+    assert "secure aggregation" in again.round_failures[1]
+    assert {r.reason for r in again.train_replies[1]} == {NOISE_DIFFERS}
+
+
 @pytest.mark.parametrize(
     ("keys", "match"),
     [
@@ -320,5 +346,7 @@ def test_a_secure_ncm_simulation_completes_with_the_accuracy_of_the_plain_one(ti
             timeout=600,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        unmasked = "secure aggregation: the sum of 3 sites unmasked" in done.stdout + done.stderr
+        assert unmasked == (secure == "true")
         results[secure] = _final_accuracy(run_dir)
     assert abs(results["true"] - results["false"]) <= 0.2, results
