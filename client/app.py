@@ -13,7 +13,9 @@ masked release itself is the ncm round's train message.
 
 from __future__ import annotations
 
+import functools
 import traceback
+from collections.abc import Callable
 from logging import ERROR
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -52,7 +54,7 @@ from fedcl.protocol import (
     to_numpy,
     to_record,
 )
-from fedcl.run_config import ConfigError, parse_run_config
+from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 
 app = ClientApp()
 INTERNAL_ERROR = "internal error at the site; its operator has the details in the site's log"
@@ -149,7 +151,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _secure_round(
-    msg: Message, context: Context, config, policy: SitePolicy, state: SiteState, round_config: dict
+    msg: Message, context: Context, config: RunConfig, policy: SitePolicy, state: SiteState, round_config: dict
 ) -> SecureRound | None:
     """Stage 3 of a secure round: the mask request's :class:`SecureRound`, or None when the run is not secure."""
     if not config.secure_aggregation:
@@ -159,7 +161,7 @@ def _secure_round(
     return mask_stage(state, context.run_id, server_round, request, config, policy)
 
 
-def _secure_stage(msg: Message, context: Context, stage) -> Message:
+def _secure_stage(msg: Message, context: Context, stage: Callable[..., dict]) -> Message:
     """Answer one key, share or unmask stage: the stage's ConfigRecord, or a refusal with a fixed public reason.
 
     ``stage(state, run_id, server_round, request, config, policy)`` is one of
@@ -178,10 +180,7 @@ def _secure_stage(msg: Message, context: Context, stage) -> Message:
     request = dict(msg.content.config_records.get(SECAGG_RECORD, ConfigRecord()))
     server_round = int(dict(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())).get(SERVER_ROUND, 0))
     try:
-        if stage is advertise_keys:
-            answer = advertise_keys(state, context.run_id, server_round, context.node_id, config, policy)
-        else:
-            answer = stage(state, context.run_id, server_round, request, config, policy)
+        answer = stage(state, context.run_id, server_round, request, config, policy)
     except SecureStageError as err:
         log(ERROR, "%s: %s", site, err)
         return Message(content=RecordDict({SITE_RECORD: _site_record(site, "refused", str(err))}), reply_to=msg)
@@ -195,7 +194,7 @@ def _secure_stage(msg: Message, context: Context, stage) -> Message:
 @app.train(SECAGG_KEYS)
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Stage 1 of a secure round: fresh keys for this round, the public ones sent."""
-    return _secure_stage(msg, context, advertise_keys)
+    return _secure_stage(msg, context, functools.partial(advertise_keys, site_id=int(context.node_id)))
 
 
 @app.train(SECAGG_SHARES)

@@ -91,9 +91,20 @@ def load_protocol_state(path: Path) -> ProtocolState:
 
 
 def advertise_keys(
-    state: SiteState, run_id: int, server_round: int, site_id: int, config: RunConfig, policy: SitePolicy
+    state: SiteState,
+    run_id: int,
+    server_round: int,
+    request: Mapping[str, Any],
+    config: RunConfig,
+    policy: SitePolicy,
+    *,
+    site_id: int,
 ) -> dict[str, Any]:
-    """Stage 1: fresh secrets saved for this round (earlier rounds' states removed); the public keys to send."""
+    """Stage 1: fresh secrets saved for this round (earlier rounds' states removed); the public keys to send.
+
+    ``request`` is empty (stage 1 asks nothing); ``site_id`` is the site's
+    Flower node id, the id the server knows it by.
+    """
     minimum_honest(config, policy)
     path = state_path(state, run_id, server_round)
     folder = path.parent
