@@ -151,14 +151,31 @@ def accuracy(strategy, grid) -> float | None:
 def test_the_server_sees_only_masked_words_and_unmasks_the_sum_of_the_sites_quantised_sums_plus_noise(
     tiny_model_dir, tmp_path, task_identity, monkeypatch
 ):
+    import client.secure_stages as secure_stages
+
     flat = flat_config(tiny_model_dir)
     forget_process_state()
     captured = Captured(monkeypatch)
+    secrets, modes, real_save = [], set(), secure_stages.save_protocol_state
+
+    def save(path, protocol):
+        real_save(path, protocol)
+        secrets.extend([protocol.secrets.enc_private_key, protocol.secrets.mask_private_key, protocol.secrets.seed])
+        modes.add((path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777))
+
+    monkeypatch.setattr(secure_stages, "save_protocol_state", save)
     answers, _ = site_answers(flat, tmp_path / "secure", captured)
     grid = RecordingGrid(answers)
     strategy = run_one_round(flat, grid)
     assert 1 not in strategy.round_failures, strategy.round_failures
     assert sorted(captured.sums) == list(NODES)
+    assert modes == {(0o600, 0o700)} and secrets  # the protocol state: the site's user only, written every stage
+    for reply in grid.received:  # no secret of any site's state in anything the server received
+        assert set(reply.content.config_records) <= {SITE_RECORD, SECAGG_RECORD}
+        for record in reply.content.config_records.values():
+            for value in record.values():
+                for item in value if isinstance(value, list) else [value]:
+                    assert not any(isinstance(item, bytes) and secret in item for secret in secrets)
 
     # The server's view: every array it received is a masked word block or a public noise variance.
     bits = strategy.secure.bits
