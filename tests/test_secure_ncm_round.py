@@ -341,19 +341,16 @@ def test_the_defaults_are_off_and_every_site():
     assert parse_run_config({"num-sites": 5, "recipe": "ncm", "secure-aggregation": True}).honest_sites == 5
 
 
-def _final_accuracy(run_dir: Path) -> float:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return float(summary["accuracy"])
-
-
 @pytest.mark.integration
-def test_a_secure_ncm_simulation_completes_with_the_accuracy_of_the_plain_one(tiny_model_dir, tmp_path):
+@pytest.mark.slow
+def test_a_secure_ncm_simulation_completes_with_the_accuracy_of_the_plain_one(tmp_path):
+    """``python -m simulations.run`` with the shipped MiniLM (random tiny BERT features are at chance for any NCM)."""
     results = {}
     for secure in ("true", "false"):
         run_dir = tmp_path / f"run-{secure}"
         overrides = (
-            f"model='{tiny_model_dir}' num-sites=3 recipe='ncm' max-length=32 max-train-examples=60 "
-            f"max-test-examples=20 partition='iid' secure-aggregation={secure} output-dir='{run_dir}'"
+            "num-sites=3 recipe='ncm' max-length=32 max-train-examples=60 max-test-examples=20 partition='iid' "
+            f"secure-aggregation={secure} output-dir='{run_dir}'"
         )
         done = subprocess.run(
             [sys.executable, "-m", "simulations.run", "--run-config", overrides],
@@ -363,7 +360,12 @@ def test_a_secure_ncm_simulation_completes_with_the_accuracy_of_the_plain_one(ti
             timeout=600,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        unmasked = "secure aggregation: the sum of 3 sites unmasked" in done.stdout + done.stderr
+        unmasked = "secure aggregation: the sum of 3 sites unmasked" in (run_dir / "flower.log").read_text()
         assert unmasked == (secure == "true")
-        results[secure] = _final_accuracy(run_dir)
-    assert abs(results["true"] - results["false"]) <= 0.2, results
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        sites = [r for r in rows if "site" in r]
+        assert {r["train_status"] for r in sites} == {"trained"} and len(sites) == 3
+        assert all((r["train_examples"] is None) == (secure == "true") for r in sites)  # no size beside a secure sum
+        results[secure] = float(json.loads((run_dir / "summary.json").read_text())["accuracy"])
+    # Measured: 0.85 secure, 0.80 plain (5 classes, chance 0.2); the secure sum carries sqrt(3) times less noise.
+    assert results["false"] > 0.5 and results["true"] >= results["false"] - 0.1, results
