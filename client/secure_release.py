@@ -37,6 +37,14 @@ from fedcl.secure_ncm import SCALE, norm_bound, records_bound, sum_bits
 from fedcl.secure_quantization import quantize_records, to_modular
 
 LOCAL_SIGMA_MARGIN = 1e-9  # the local sigma is raised by this share, so the ledger entry is not below z by rounding
+BITS_TOO_NARROW = (
+    "the round's word width is below the one this site computes from public values (num-sites, max-train-examples, "
+    "its noise level and the model size): the sum could wrap round, so the site takes no part"
+)
+
+
+class BitWidthError(ValueError):
+    """The round's bit width cannot hold the sum; ``str(error)`` is the fixed public :data:`BITS_TOO_NARROW`."""
 
 
 @dataclass(frozen=True)
@@ -136,24 +144,35 @@ def secure_class_sums(
     return sums
 
 
+def check_bit_width(release: DistributedRelease, secure: SecureRound, coordinates: int) -> None:
+    """Raise :class:`BitWidthError` when ``secure.bits`` is narrower than this site's own width for the sum.
+
+    The site's width is :func:`fedcl.secure_ncm.sum_bits` of
+    ``secure.num_sites`` sites (``max(num-sites, the round's sites)``), the
+    public record bound, its local noise and the release's ``coordinates``:
+    every input is public, so the refusal is a fixed public reason. Run it
+    before anything is computed or spent.
+    """
+    try:
+        needed = sum_bits(
+            secure.num_sites,
+            records_bound(secure.max_train_examples),
+            release.norm_bound,
+            release.local_sigma,
+            int(coordinates),
+        )
+    except ValueError:
+        raise BitWidthError(BITS_TOO_NARROW) from None
+    if secure.bits < needed:
+        raise BitWidthError(BITS_TOO_NARROW)
+
+
 def masked_release(sums: np.ndarray, release: DistributedRelease, secure: SecureRound) -> np.ndarray:
     """The noised integer sums wrapped mod ``2**bits`` and masked: int64 of ``sums``' shape, all that leaves.
 
-    Raises ValueError when ``secure.bits`` is narrower than this site's own
-    :func:`fedcl.secure_ncm.sum_bits` (the public record bound, its noise and
-    its coordinates): the sum could wrap round.
+    Raises :class:`BitWidthError` when ``secure.bits`` is narrower than this
+    site's own width (:func:`check_bit_width`): the sum could wrap round.
     """
-    needed = sum_bits(
-        secure.num_sites,
-        records_bound(secure.max_train_examples),
-        release.norm_bound,
-        release.local_sigma,
-        int(np.size(sums)),
-    )
-    if secure.bits < needed:
-        raise ValueError(
-            f"the round's bit width {secure.bits} is below the {needed} bits this site computes for the sum: "
-            "the server must send fedcl.secure_ncm.server_bits"
-        )
+    check_bit_width(release, secure, int(np.size(sums)))
     words = to_modular(np.asarray(sums, dtype=np.int64).reshape(-1), secure.bits)
     return np.asarray(secure.mask(words), dtype=np.int64).reshape(np.shape(sums))

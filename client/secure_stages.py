@@ -10,8 +10,17 @@ its :class:`~client.secure_release.SecureRound`), 4 unmask
 The protocol state holds the site's private keys and seed: it lives in the
 site's state directory (``secagg/run-R-round-K.state``, mode 0600, written
 atomically), is saved before each answer is returned, is never logged or
-sent, and is removed after the unmask answer (and any left by an earlier
-round is removed when a new round starts).
+sent, and is removed after the unmask answer; at every stage the states of
+other rounds and any stale ``.tmp`` file in the folder are removed
+(:func:`remove_stale_states`), so a round that never reached its unmask
+leaves its secrets on disk only until the site's next secure stage.
+
+Trust model: at most ``c`` sites (``max(secagg-max-colluders of the run,
+the site's own floor)``) collude with the server, and the ledger counts
+``n_h`` honest shares (:func:`minimum_honest`). Every stage from 2 on needs at
+least ``n_h + c`` sites (:func:`required_survivors`), and the unmask passes
+``min_survivors = n_h + c``, so an unmasked sum holds at least ``n_h`` honest
+shares whoever drops out.
 
 Refusals carry fixed public reasons, decided by the site's policy and the
 public round (never by its records); the protocol's own error text stays in
@@ -40,8 +49,8 @@ from fedcl.secure_aggregation import SiteState as ProtocolState
 STATE_FOLDER = "secagg"
 POLICY_DIFFERS = "site privacy policy differs from the run's: secure aggregation needs one policy"
 TOO_FEW_HONEST = (
-    "the round has fewer sites than this site's minimum of honest sites (secagg-min-honest): it takes no part in, "
-    "and never helps unmask, a secure sum of fewer sites"
+    "the round has fewer sites than this site's minimum of honest sites plus colluders (secagg-min-honest + "
+    "secagg-max-colluders): it takes no part in, and never helps unmask, a secure sum of fewer sites"
 )
 NOT_SECURE = "the run config does not ask for secure aggregation: the site answers no secure-aggregation stage"
 PROTOCOL_BROKEN = "the secure-aggregation request does not follow the protocol: the site abandons this round"
@@ -67,6 +76,36 @@ def minimum_honest(config: RunConfig, policy: SitePolicy) -> int:
     if config.honest_sites < policy.secagg_min_honest:
         raise SecureStageError(TOO_FEW_HONEST)
     return max(config.honest_sites, policy.secagg_min_honest)
+
+
+def colluders(config: RunConfig, policy: SitePolicy) -> int:
+    """c: the most sites this site assumes collude with the server: ``max(the run's, the site's own floor)``."""
+    return max(config.secagg_max_colluders, policy.secagg_max_colluders)
+
+
+def required_survivors(config: RunConfig, policy: SitePolicy) -> int:
+    """``n_h + c``: the fewest sites this site lets a secure sum hold at stages 2, 3 and 4 (and unmask with).
+
+    With at most ``c`` colluders among them, at least ``n_h`` honest shares
+    are in any sum this site helps unmask. Raises :class:`SecureStageError`
+    as :func:`minimum_honest` does.
+    """
+    return minimum_honest(config, policy) + colluders(config, policy)
+
+
+def remove_stale_states(state: SiteState, run_id: int, server_round: int) -> None:
+    """Delete every protocol state in the site's secagg folder but this round's, and any stale ``.tmp`` file.
+
+    A round abandoned before its unmask leaves its secrets on disk; the
+    site's next secure stage (of any round) removes them.
+    """
+    keep = state_path(state, run_id, server_round)
+    folder = keep.parent
+    if not folder.exists():
+        return
+    for stale in folder.iterdir():
+        if stale != keep and stale.is_file() and (stale.suffix == ".state" or ".tmp" in stale.name):
+            stale.unlink(missing_ok=True)
 
 
 def state_path(state: SiteState, run_id: int, server_round: int) -> Path:
@@ -107,10 +146,8 @@ def advertise_keys(
     """
     minimum_honest(config, policy)
     path = state_path(state, run_id, server_round)
-    folder = path.parent
-    if folder.exists():
-        for stale in folder.glob("*.state"):
-            stale.unlink(missing_ok=True)
+    remove_stale_states(state, run_id, server_round)
+    path.unlink(missing_ok=True)  # a repeated stage 1 starts afresh
     protocol = ProtocolState.start(int(site_id))
     save_protocol_state(path, protocol)
     return protocol.advertised_keys().to_dict()
@@ -124,9 +161,10 @@ def share_keys(
     config: RunConfig,
     policy: SitePolicy,
 ) -> dict[str, Any]:
-    """Stage 2: the encrypted shares for the other sites (state saved first); refuses a round below the minimum."""
-    minimum = minimum_honest(config, policy)
+    """Stage 2: the encrypted shares for the other sites (state saved first); refuses fewer than ``n_h + c`` sites."""
+    minimum = required_survivors(config, policy)
     path = state_path(state, run_id, server_round)
+    remove_stale_states(state, run_id, server_round)
     protocol = load_protocol_state(path)
     parsed = _protocol_call(lambda: ShareKeysRequest.from_dict(request))
     if len(parsed.public_keys) < minimum:
@@ -147,10 +185,12 @@ def mask_stage(
     """Stage 3, before the release: the :class:`SecureRound` whose ``mask`` masks the words and saves the state.
 
     Refuses (before anything is computed or spent) a round whose step-2 sites
-    are fewer than :func:`minimum_honest`.
+    are fewer than :func:`required_survivors`. The bit width is checked
+    against ``max(num-sites, the round's sites)`` (the sum of every site in it).
     """
-    minimum = minimum_honest(config, policy)
+    minimum = required_survivors(config, policy)
     path = state_path(state, run_id, server_round)
+    remove_stale_states(state, run_id, server_round)
     protocol = load_protocol_state(path)
     parsed = _protocol_call(lambda: MaskRequest.from_dict(request))
     if len(set(parsed.round_sites)) < minimum:
@@ -161,7 +201,8 @@ def mask_stage(
         save_protocol_state(path, protocol)
         return masked
 
-    return SecureRound(config.honest_sites, config.num_sites, config.max_train_examples, parsed.bits, mask)
+    sites = max(config.num_sites, len(set(parsed.round_sites)))
+    return SecureRound(config.honest_sites, sites, config.max_train_examples, parsed.bits, mask)
 
 
 def unmask(
@@ -172,14 +213,15 @@ def unmask(
     config: RunConfig,
     policy: SitePolicy,
 ) -> dict[str, Any]:
-    """Stage 4: this site's shares for the server, if at least :func:`minimum_honest` sites survived; state removed.
+    """Stage 4: this site's shares for the server, if at least :func:`required_survivors` survived; state removed.
 
     Any refusal of the protocol (fewer survivors than the threshold or the
     minimum, a site both survivor and dropped, a share of the other kind
     revealed before) is answered with a fixed reason.
     """
-    minimum = minimum_honest(config, policy)
+    minimum = required_survivors(config, policy)
     path = state_path(state, run_id, server_round)
+    remove_stale_states(state, run_id, server_round)
     protocol = load_protocol_state(path)
     parsed = _protocol_call(lambda: UnmaskRequest.from_dict(request))
     if len(set(parsed.survivors)) < minimum:

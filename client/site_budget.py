@@ -92,6 +92,32 @@ class SiteBudget:
             write_json_atomic(self.state.noise_hint, {"noise_multiplier": sigma})
         return sigma
 
+    def common_noise_multiplier(self, plan: Sequence[Segment], fixed: Sequence[Entry], sigma: float) -> float:
+        """Adopt the secure round's common noise level ``sigma`` if this site can afford its remaining plan at it.
+
+        ``sigma``: :func:`fresh_noise_multiplier` of the run's policy and plan
+        (every honest site adds the same share). Prices history + ``fixed`` +
+        ``plan`` at ``sigma`` with the ledger's own filter check, fixes the
+        filter order on first use, and returns ``sigma``. Never reads or
+        writes the noise hint (``noise.json``): a round at the common level
+        leaves the site's own calibration as it was. Raises
+        :class:`BudgetError` (a fixed reason: the inputs are the public plan
+        and the ledger's public mechanisms) when the plan does not fit.
+        """
+        ledger = self._ledger()
+        segments = [(float(q), int(n), groups) for q, n, groups in plan if n > 0]
+        if not segments:
+            raise ValueError("the site's remaining plan has no steps; give the run at least one round with steps")
+        entries = [*fixed, *((float(sigma), q, n, groups) for q, n, groups in segments)]
+        if not ledger.can_afford(entries):
+            raise BudgetError(
+                f"target-epsilon = {ledger.target_epsilon}: the site has spent {ledger.epsilon():.3g} and its remaining "
+                f"plan does not fit at the secure round's common noise multiplier {float(sigma):.4g}; it takes no "
+                "part (raise target-epsilon in the site's policy for a new site, or plan fewer rounds or steps)"
+            )
+        ledger.commit_order(best_order([*ledger.entries(), *entries], ledger.delta))
+        return float(sigma)
+
     def can_afford(self, mechanisms: Sequence[SgdMechanism]) -> bool:
         """True if the filter lets these exact mechanisms run (always True without DP).
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import INFO
@@ -62,7 +61,7 @@ from client.phases import (
 from client.privacy_ledger import BudgetError, Entry
 from client.replay_buffer import held_groups, training_pool
 from client.secure_noise import NoiseSource
-from client.secure_release import SecureRound, distributed_release
+from client.secure_release import BitWidthError, SecureRound, check_bit_width, distributed_release
 from client.site_budget import Segment, SiteBudget, fresh_noise_multiplier, open_budget
 from client.site_policy import SitePolicy
 from client.site_runtime import SiteRuntime
@@ -70,11 +69,6 @@ from client.site_state import SiteState, log_local_metrics
 from fedcl.atomic_files import write_json_atomic
 from fedcl.experience_schedule import LORA, NCM, PROBE
 from fedcl.protocol import PHASE, SERVER_ROUND
-
-NOISE_DIFFERS = (
-    "this site's noise level differs from the one a fresh site with the run's policy and plan chooses (its ledger "
-    "holds earlier releases): secure aggregation needs one noise level at every site"
-)
 
 
 @dataclass
@@ -329,15 +323,16 @@ def _run(
     if policy.dp:
         segments, fixed = plan.remaining(experience, within, pending is not None)
         try:
-            sigma = budget.noise_multiplier(segments, fixed, proposed=config.noise_multiplier)
+            if secure is not None:  # the common level; the site's own hint (noise.json) is neither read nor written
+                sigma = budget.common_noise_multiplier(
+                    segments, fixed, fresh_noise_multiplier(policy, segments, fixed, config.noise_multiplier)
+                )
+            else:
+                sigma = budget.noise_multiplier(segments, fixed, proposed=config.noise_multiplier)
         except BudgetError as err:  # nothing left for the remaining plan: the hard stop, not a crash
             return RoundResult(
                 "skipped", f"privacy budget: {err}", {**facts, **budget.facts(), "stopped-for-budget": 1}
             )
-        if secure is not None and not math.isclose(
-            sigma, fresh_noise_multiplier(policy, segments, fixed, config.noise_multiplier), rel_tol=1e-9
-        ):
-            return RoundResult("refused", NOISE_DIFFERS, facts)
     else:
         sigma = 0.0
     main = plan.phase_mechanism(phase, experience, sigma, clip)
@@ -347,6 +342,10 @@ def _run(
         if not policy.dp:
             raise ValueError("secure aggregation carries the sites' DP noise: a site without DP takes no part")
         distributed = distributed_release(sigma, secure.honest_sites, release_dimension(runtime), classes, main.reads)
+        try:  # public values only: refused before anything is computed or spent
+            check_bit_width(distributed, secure, len(runtime.data.label_names) * distributed.dim)
+        except BitWidthError as err:
+            return RoundResult("refused", str(err), facts)
         main = distributed.mechanism
     note = plan.full_batch_note(phase, experience) if policy.dp else ""
     if note:  # once per process: the site's own log, never the reply

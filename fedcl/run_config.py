@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedcl.secure_ncm import server_bits
+
 PARTITIONS = ("iid", "dirichlet", "group")
 STRATEGIES = ("fedavg", "ffa", "exact")  # the same names as strategies.registry (tests/test_strategy_wiring.py checks)
 ROBUST_MODES = ("none", "validate", "clip", "median", "trimmed-mean")
@@ -128,6 +130,7 @@ class RunConfig:
     # --- secure aggregation with distributed noise (ncm class sums so far; README "Secure aggregation")
     secure_aggregation: bool = False  # the server sees only the sum of the sites' releases, each site adds a share
     secagg_min_honest: int = 0  # n_h: sites trusted to add their noise share; 0 = every site (num-sites)
+    secagg_max_colluders: int = 0  # c: sites that may collude with the server; a sum needs n_h + c survivors
     # --- output ------------------------------------------------------------
     output_dir: str = ""  # empty: runs/<timestamp>
 
@@ -213,6 +216,11 @@ class RunConfig:
     def honest_sites(self) -> int:
         """n_h: the sites whose noise shares the ledger counts under secure aggregation (``secagg-min-honest``)."""
         return self.secagg_min_honest or self.num_sites
+
+    @property
+    def required_survivors(self) -> int:
+        """n_h + c: the fewest sites a secure sum may be unmasked with, so at least n_h honest shares are in it."""
+        return self.honest_sites + self.secagg_max_colluders
 
     @property
     def label_names(self) -> list[str]:
@@ -353,13 +361,28 @@ def _check_aggregation(config: RunConfig) -> None:
 
 
 def _check_secure_aggregation(config: RunConfig) -> None:
-    """``secure-aggregation`` and ``secagg-min-honest``, and what secure aggregation cannot run with."""
+    """``secure-aggregation``, ``secagg-min-honest`` and ``secagg-max-colluders`` (``n_h + c <= num-sites``),
+    and what secure aggregation cannot run with."""
     if config.secagg_min_honest != 0 and not 2 <= config.secagg_min_honest <= config.num_sites:
         _fail(
             "secagg-min-honest",
             config.secagg_min_honest,
             f"use 0 (every site: num-sites = {config.num_sites}) or 2 .. num-sites; the fewer, the more noise each "
             "site adds",
+        )
+    if not 0 <= config.secagg_max_colluders <= max(config.num_sites - 2, 0):
+        _fail(
+            "secagg-max-colluders",
+            config.secagg_max_colluders,
+            f"use 0 (no site colludes with the server) .. num-sites - 2 = {max(config.num_sites - 2, 0)}",
+        )
+    if config.required_survivors > config.num_sites:
+        _fail(
+            "secagg-max-colluders",
+            config.secagg_max_colluders,
+            f"secagg-min-honest ({config.honest_sites}) + secagg-max-colluders must be at most num-sites = "
+            f"{config.num_sites}: lower secagg-min-honest to num-sites - secagg-max-colluders "
+            f"({config.num_sites - config.secagg_max_colluders}) or fewer",
         )
     if not config.secure_aggregation:
         return
@@ -413,6 +436,10 @@ def _check_secure_aggregation(config: RunConfig) -> None:
     for key, value, bad, fix in conflicts:
         if bad:
             _fail(key, value, f"secure-aggregation = true {fix}")
+    try:  # the word width both sides compute (fedcl/secure_ncm.py), at the largest noise a site can use
+        server_bits(config.num_sites, config.max_train_examples, config.honest_sites, config.noise_multiplier)
+    except ValueError as err:
+        _fail("max-train-examples", config.max_train_examples, f"secure-aggregation = true: {err}")
 
 
 def parse_offsets(text: str, num_sites: int) -> tuple[int, ...]:

@@ -67,12 +67,21 @@ def records_bound(max_train_examples: int) -> int:
     return max_train_examples if max_train_examples > 0 else UNDECLARED_RECORDS
 
 
-def server_bits(num_sites: int, max_train_examples: int, honest_sites: int) -> int:
+def largest_noise_multiplier(noise_multiplier: float = 0.0) -> float:
+    """The largest z a site can use: the run's ``noise-multiplier`` when above :data:`MAX_NOISE_MULTIPLIER`, else it."""
+    return max(float(noise_multiplier), MAX_NOISE_MULTIPLIER)
+
+
+def server_bits(num_sites: int, max_train_examples: int, honest_sites: int, noise_multiplier: float = 0.0) -> int:
     """The bit width the server sends: :func:`sum_bits` at the largest row, noise and release any site can have.
 
-    Every site's own :func:`sum_bits` (with its real dimension, noise and
-    coordinates) is at most this, so an honest site never refuses it.
+    ``num_sites``: the most sites a round holds; ``noise_multiplier``: the
+    run's ``noise-multiplier`` (0: the budget chooses, at most
+    :data:`MAX_NOISE_MULTIPLIER`). Every site's own :func:`sum_bits` (with
+    its real dimension, noise and coordinates, for ``max(num-sites, the
+    round's sites)``) is at most this, so an honest site never refuses it.
+    Raises ValueError when the width would pass :data:`MAX_BITS`.
     """
     row = norm_bound(MAX_ROW_DIM)
-    local = MAX_NOISE_MULTIPLIER * row / math.sqrt(honest_sites)
+    local = largest_noise_multiplier(noise_multiplier) * row / math.sqrt(honest_sites)
     return sum_bits(num_sites, records_bound(max_train_examples), row, local, MAX_COORDINATES)

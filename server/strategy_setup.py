@@ -76,11 +76,16 @@ def build_strategy(
 
 
 def secure_rounds(config: RunConfig) -> SecureRounds | None:
-    """The secure-aggregation driver of a ``secure-aggregation`` run (public bit width, ``n_h``), else None."""
+    """The secure-aggregation driver of a ``secure-aggregation`` run (public bit width, ``n_h``, ``c``), else None.
+
+    A round asks at most ``num-sites`` nodes, the count the bit width is computed for.
+    """
     if not config.secure_aggregation:
         return None
-    bits = server_bits(config.num_sites, config.max_train_examples, config.honest_sites)
-    return SecureRounds(config.honest_sites, bits, config.round_timeout)
+    bits = server_bits(config.num_sites, config.max_train_examples, config.honest_sites, config.noise_multiplier)
+    return SecureRounds(
+        config.honest_sites, bits, config.round_timeout, config.secagg_max_colluders, max_sites=config.num_sites
+    )
 
 
 def save_strategy_state(checkpoint_dir: Path, strategy: SiteStrategy) -> Path | None:

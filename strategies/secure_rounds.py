@@ -16,8 +16,10 @@ timeout), for :class:`~strategies.site_strategy.SiteStrategy`:
    class-sum update: the sites' sum, never a site's own.
 
 A round continues with the sites left at any stage while at least
-``max(t, n_h)`` remain (``n_h`` = ``secagg-min-honest``); otherwise it fails
-(:class:`SecureRoundError`) and changes nothing. The server never weights the
+``max(t, n_h + c)`` remain (``n_h`` = ``secagg-min-honest``, ``c`` =
+``secagg-max-colluders``, ``t`` the protocol server's threshold); otherwise it
+fails (:class:`SecureRoundError`, also for any request the protocol server
+refuses) and changes nothing. The server never weights the
 sum: no per-site count is asked for or used. numpy only (no torch).
 """
 
@@ -68,27 +70,61 @@ class SecureSession:
 
 
 class SecureRounds:
-    """Stages 1, 2 and 4 of every secure round, with ``n_h`` honest sites required and ``bits``-bit words."""
+    """Stages 1, 2 and 4 of every secure round: ``n_h + c`` sites required, ``bits``-bit words.
 
-    def __init__(self, honest_sites: int, bits: int, timeout: float) -> None:
+    ``honest_sites`` n_h (>= 1) and ``colluders`` c (>= 0): a sum is unmasked
+    only with at least ``n_h + c`` survivors, so at least ``n_h`` honest
+    shares are in it even if ``c`` survivors collude with the server.
+    """
+
+    def __init__(
+        self, honest_sites: int, bits: int, timeout: float, colluders: int = 0, max_sites: int | None = None
+    ) -> None:
+        """``bits``: the word width for a round of at most ``max_sites`` sites (None: no cap on the nodes asked).
+
+        A round asks at most ``max_sites`` nodes (the lowest ids) for keys, so
+        the sum never holds more releases than ``bits`` was computed for
+        (``fedcl.secure_ncm.server_bits`` with ``num-sites``).
+        """
+        if max_sites is not None and max_sites < 2:
+            raise ValueError(f"max_sites = {max_sites}: use the run's num-sites (>= 2) or None")
         if honest_sites < 1:
             raise ValueError(f"honest_sites = {honest_sites}: use the run's secagg-min-honest (>= 1)")
+        if colluders < 0:
+            raise ValueError(f"colluders = {colluders}: use the run's secagg-max-colluders (>= 0)")
         self.honest_sites, self.bits, self.timeout = int(honest_sites), int(bits), float(timeout)
+        self.colluders = int(colluders)
+        self.max_sites = None if max_sites is None else int(max_sites)
         self.sessions: dict[int, SecureSession] = {}
 
-    def required(self, sites: int) -> int:
-        """The fewest sites a round of ``sites`` advertised ones may go on with: ``max(t, n_h)``."""
-        return max(threshold(sites), self.honest_sites)
+    @property
+    def survivors_needed(self) -> int:
+        """``n_h + c``: the fewest sites any stage of a round may go on with, whatever the threshold."""
+        return self.honest_sites + self.colluders
+
+    def required(self, server: SecureSumServer) -> int:
+        """The fewest sites the round of ``server`` may go on with: ``max(server.threshold, n_h + c)``."""
+        return max(server.threshold, self.survivors_needed)
 
     def open(self, grid: Grid, server_round: int, nodes: list[int], entries: Mapping) -> SecureSession:
         """Stages 1 and 2 with ``nodes``; the session holds each step-2 node's mask request, or the failure."""
         session = SecureSession()
         self.sessions[server_round] = session
+        if self.max_sites is not None and len(nodes) > self.max_sites:
+            extra = sorted(nodes)[self.max_sites :]
+            nodes = sorted(nodes)[: self.max_sites]
+            session.dropped.update(
+                {
+                    n: f"more nodes connected than num-sites = {self.max_sites}: the word width holds that many"
+                    for n in extra
+                }
+            )
+            log(WARNING, "round %s: secure aggregation: %d nodes over num-sites left out", server_round, len(extra))
         keys = self._ask(grid, server_round, nodes, SECAGG_KEYS, lambda node: {}, entries, session)
         advertised = {node: PublicKeys.from_dict(answer) for node, answer in keys.items() if _parses(answer, "keys")}
         session.dropped.update({n: "its public keys did not parse" for n in keys if n not in advertised})
-        if len(advertised) < max(self.honest_sites, 2):
-            needed = max(self.honest_sites, 2)
+        if len(advertised) < max(self.survivors_needed, 2):
+            needed = max(self.survivors_needed, 2)
             return self._failed(session, f"{len(advertised)} sites advertised keys, the round needs {needed}")
         server = SecureSumServer(threshold(len(advertised)), self.bits)
         for node, public in advertised.items():
@@ -100,7 +136,7 @@ class SecureRounds:
             request = server.share_keys_request().to_dict()
         except ValueError as err:
             return self._failed(session, str(err))
-        needed = self.required(len(server.public_keys))
+        needed = self.required(server)
         shares = self._ask(
             grid, server_round, sorted(server.public_keys), SECAGG_SHARES, lambda n: request, entries, session
         )
@@ -113,8 +149,11 @@ class SecureRounds:
             return self._failed(
                 session, f"{len(server.ciphertexts)} sites completed the key sharing, the round needs {needed}"
             )
+        try:
+            session.requests = {node: server.mask_request(node).to_dict() for node in sorted(server.ciphertexts)}
+        except ValueError as err:
+            return self._failed(session, str(err))
         session.server = server
-        session.requests = {node: server.mask_request(node).to_dict() for node in sorted(server.ciphertexts)}
         log(
             INFO,
             "round %s: secure aggregation: %d sites shared keys (threshold %d)",
@@ -131,7 +170,7 @@ class SecureRounds:
 
         ``releases``: node -> the arrays of its trained reply (``masked-sums``
         int64 ``[classes, dim]``, ``noise-variance``). Raises
-        :class:`SecureRoundError` when fewer than ``max(t, n_h)`` sites are
+        :class:`SecureRoundError` when fewer than ``max(t, n_h + c)`` sites are
         left, or the sum cannot be unmasked.
         """
         session = self.sessions.pop(server_round, None)
@@ -163,23 +202,29 @@ class SecureRounds:
                 log(WARNING, "round %s: secure aggregation: node %s's words refused: %s", server_round, node, err)
                 continue
             shape, variances[node] = masked.shape, variance
-        needed = self.required(len(server.public_keys))
+        needed = self.required(server)
         if len(server.masked) < needed or shape is None:
             raise SecureRoundError(f"{len(server.masked)} masked releases arrived, the round needs {needed}")
-        request = server.unmask_request().to_dict()
+        try:
+            request = server.unmask_request().to_dict()
+        except ValueError as err:
+            raise SecureRoundError(f"the unmask request was refused: {err}") from None
         answers = self._ask(grid, server_round, list(server.survivors), SECAGG_UNMASK, lambda n: request, entries, None)
         replies = {node: UnmaskReply.from_dict(a) for node, a in answers.items() if _parses(a, "unmask")}
         try:
             total = server.unmask(replies)
         except ValueError as err:
             raise SecureRoundError(f"the sum could not be unmasked ({len(replies)} share replies): {err}") from None
-        sums = dequantize(from_modular(total, self.bits), SCALE).reshape(shape)
+        sums = dequantize(from_modular(total, server.bits), SCALE).reshape(shape)
         variance = np.sum([variances[node] for node in server.survivors], axis=0)
         log(INFO, "round %s: secure aggregation: the sum of %d sites unmasked", server_round, len(server.survivors))
         return {CLASS_SUMS: sums, NOISE_VARIANCE: variance}
 
     def _failed(self, session: SecureSession, reason: str) -> SecureSession:
-        session.failure = f"secure aggregation: {reason} (max(threshold, secagg-min-honest = {self.honest_sites}))"
+        session.failure = (
+            f"secure aggregation: {reason} (max(threshold, secagg-min-honest + secagg-max-colluders = "
+            f"{self.honest_sites} + {self.colluders}))"
+        )
         log(WARNING, "%s", session.failure)
         return session
 

@@ -79,6 +79,7 @@ class Captured:
 
         self.sums: dict[int, np.ndarray] = {}
         self.local_sigma: dict[int, float] = {}
+        self.noise_multiplier: dict[int, float] = {}  # z: the common level each site released at
         self.node = 0
         real_quantize, real_sums = secure_release.quantize_records, phases.secure_class_sums
         last: dict = {}
@@ -92,6 +93,7 @@ class Captured:
             plain = np.zeros((num_classes, release.dim), dtype=np.int64)
             np.add.at(plain, np.asarray(labels, dtype=np.int64), last["ints"])  # by hand, from the site's own ints
             self.sums[self.node], self.local_sigma[self.node] = plain, release.local_sigma
+            self.noise_multiplier[self.node] = release.noise_multiplier
             return out
 
         monkeypatch.setattr(secure_release, "quantize_records", quantize)
@@ -203,7 +205,9 @@ def test_the_server_sees_only_masked_words_and_unmasks_the_sum_of_the_sites_quan
     assert 0.8 * expected_std < difference.std() < 1.2 * expected_std
     assert np.allclose(strategy.current["noise-variance"][released], len(NODES) * (local / SCALE) ** 2)
     # n_h = 3 of 3: the sum's noise std is the budget's z times the sensitivity, the same as one Gaussian release
-    z = json.loads((tmp_path / "secure" / "site-0" / "noise.json").read_text())["noise_multiplier"]
+    z = captured.noise_multiplier[NODES[0]]
+    assert len(set(captured.noise_multiplier.values())) == 1  # one common level at every site
+    assert not (tmp_path / "secure" / "site-0" / "noise.json").exists()  # a secure round never writes the hint
     dim = strategy.current["class-sums"].shape[1]
     assert expected_std == pytest.approx(z * norm_bound(dim) / SCALE, rel=1e-6)
 
@@ -227,7 +231,7 @@ def test_the_ledger_entry_is_gaussian_equivalent_steps_by_hand_and_the_state_fil
     strategy = run_one_round(flat, RecordingGrid(answers))
     assert 1 not in strategy.round_failures, strategy.round_failures
     folder = tmp_path / "site-0"
-    z = json.loads((folder / "noise.json").read_text())["noise_multiplier"]
+    z = captured.noise_multiplier[NODES[0]]
     dim = strategy.current["class-sums"].shape[1]
     classes = len(parse_run_config(site_context(flat, folder).run_config).label_names)
     bound = norm_bound(dim)
@@ -295,8 +299,6 @@ def test_a_site_whose_own_minimum_is_above_the_runs_refuses_from_the_first_stage
 def test_a_stream_releases_each_experience_at_one_common_noise_level_and_a_site_with_history_refuses(
     tiny_model_dir, tmp_path, task_identity
 ):
-    from client.site_round import NOISE_DIFFERS
-
     flat = flat_config(tiny_model_dir, stream="class-incremental", **{"num-experiences": 2})
     forget_process_state()
     answers, contexts = site_answers(flat, tmp_path)
@@ -308,13 +310,43 @@ def test_a_stream_releases_each_experience_at_one_common_noise_level_and_a_site_
     assert ledgers[0].history[0] == ledgers[0].history[1]
     assert np.count_nonzero(np.abs(strategy.current["class-sums"]).sum(axis=1)) == len(strategy.current["class-sums"])
 
-    # A later run on the same state directories: experience 0's records were released already, so a fresh site's
-    # noise level no longer fits these sites' budgets; each refuses rather than add less than it assumes of others.
+    # A later run on the same state directories: experience 0's records were released already, so the common
+    # noise level no longer fits these sites' budgets; each stops for its budget rather than add less noise.
     for context in contexts.values():
         context.run_id = 2
     again = run_one_round(flat, RecordingGrid(answers))
-    assert "secure aggregation" in again.round_failures[1]
-    assert {r.reason for r in again.train_replies[1]} == {NOISE_DIFFERS}
+    assert not again.updated_rounds and "class-sums" not in again.current
+    assert {r.status for r in again.train_replies[1]} == {"skipped"}
+    assert all(r.reason.startswith("privacy budget:") for r in again.train_replies[1])
+
+
+def test_a_refused_experience_leaves_the_noise_hint_alone_and_the_next_experience_is_taken_by_every_site(
+    tiny_model_dir, tmp_path, task_identity
+):
+    """The reviewer's reproduction (C1): one budget refusal must not raise the level a site uses for good."""
+    flat = flat_config(tiny_model_dir, stream="class-incremental", **{"num-experiences": 2})
+    forget_process_state()
+    answers, contexts = site_answers(flat, tmp_path)
+    hints = [tmp_path / f"site-{i}" / "noise.json" for i in range(3)]
+    first = run_one_round(flat, RecordingGrid(answers), rounds=(1,))  # experience 0 only
+    assert 1 not in first.round_failures, first.round_failures
+    assert not any(hint.exists() for hint in hints)
+    hints[0].write_text(json.dumps({"noise_multiplier": 0.123}))  # as if a plain calibration had left one
+
+    for context in contexts.values():
+        context.run_id = 2
+    again = run_one_round(flat, RecordingGrid(answers), rounds=(1, 2))
+    # round 1 re-releases experience 0: its records' budget is spent, every site stops for its budget
+    assert {r.status for r in again.train_replies[1]} == {"skipped"} and 1 not in again.updated_rounds
+    assert all(r.reason.startswith("privacy budget:") for r in again.train_replies[1])
+    # round 2 releases experience 1 (other records): every site takes part at the common level
+    assert 2 not in again.round_failures, again.round_failures
+    assert {r.status for r in again.train_replies[2]} == {"trained"} and len(again.train_replies[2]) == 3
+    ledgers = [PrivacyLedger.load(tmp_path / f"site-{i}" / "privacy_ledger.json") for i in range(3)]
+    assert all(len(ledger.history) == 2 for ledger in ledgers)
+    assert len({ledger.history[1] for ledger in ledgers}) == 1
+    assert json.loads(hints[0].read_text()) == {"noise_multiplier": 0.123}  # unchanged by every secure round
+    assert not hints[1].exists() and not hints[2].exists()
 
 
 @pytest.mark.parametrize(
