@@ -20,8 +20,9 @@ The ledger records :attr:`DistributedRelease.mechanism`: one Gaussian entry
 ``(z', 1, 1)`` from ``client.distributed_noise.gaussian_equivalent_steps``,
 whose RDP dominates the distributed discrete Gaussian's at every order, with
 ``z' >= z`` (so the plan the budget calibrated still fits). That holds if at
-least ``n_h`` honest sites' shares are in the unmasked sum: each site refuses
-to mask or unmask a round with fewer (``client/secure_stages.py``).
+least ``n_h`` honest sites' shares are in the unmasked sum: with at most ``c``
+colluders, each site refuses to mask or unmask a round with fewer than
+``n_h + c`` sites (``client/secure_stages.py``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@
    train, with or without a fixed noise multiplier;
 3. :meth:`SiteBudget.noise_multiplier` is the one place sigma is chosen: the
    committed sigma while the site's remaining plan still fits under it, else
-   the smallest sigma that fits (a bisection against the RDP filter);
+   the smallest sigma that fits (a bisection against the RDP filter); under
+   secure aggregation :meth:`SiteBudget.common_noise_multiplier` adopts the
+   round's common level instead, if the filter affords the plan at it (the
+   hint ``noise.json`` is neither read nor written);
 4. :meth:`SiteBudget.can_afford` prices the exact mechanism objects the phase
    will run, and :meth:`SiteBudget.record` records them, saves the ledger
    atomically and then the sentinel, before any output leaves.
@@ -189,8 +192,9 @@ def fresh_noise_multiplier(
 
     The common noise level of a secure round: every honest site with the
     run's policy and plan and a fresh ledger chooses exactly this value
-    (``proposed > 0``: that value), and one whose ledger holds earlier
-    releases a larger one (``client/site_round.py`` refuses it).
+    (``proposed > 0``: that value). Under secure aggregation every site takes
+    it and joins only if its own ledger affords the plan at it
+    (:meth:`SiteBudget.common_noise_multiplier`, ``client/site_round.py``).
     """
     if proposed > 0:
         return float(proposed)
