@@ -5,12 +5,17 @@ against it, install the global adapter from the message (or the seeded
 initial one), run the site round (``client/site_round.py``), reply with the
 trained tensors (or the class-sum release) and the allow-listed metrics, or
 with no update and the reason. Evaluate: install the global model and
-evaluate it on the site's own test split.
+evaluate it on the site's own test split. Secure aggregation (the ``ncm``
+release under ``secure-aggregation``): three more train actions answer the
+protocol's key, share and unmask stages (``client/secure_stages.py``); the
+masked release itself is the ncm round's train message.
 """
 
 from __future__ import annotations
 
+import functools
 import traceback
+from collections.abc import Callable
 from logging import ERROR
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,6 +26,8 @@ from client.data_fingerprint import check_data_fingerprint
 from client.evaluation import evaluate_adapter, evaluate_class_sums
 from client.feature_store import attach_feature_store
 from client.privacy_ledger import LedgerError
+from client.secure_release import SecureRound
+from client.secure_stages import SecureStageError, advertise_keys, mask_stage, share_keys, unmask
 from client.site_budget import SiteBusyError
 from client.site_data import SiteDataError
 from client.site_policy import SitePolicy, check_proposal, site_policy
@@ -34,6 +41,10 @@ from fedcl.protocol import (
     CONFIG_RECORD,
     METRICS_RECORD,
     REASON,
+    SECAGG_KEYS,
+    SECAGG_RECORD,
+    SECAGG_SHARES,
+    SECAGG_UNMASK,
     SERVER_ROUND,
     SITE_NAME,
     SITE_RECORD,
@@ -43,7 +54,7 @@ from fedcl.protocol import (
     to_numpy,
     to_record,
 )
-from fedcl.run_config import ConfigError
+from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 
 app = ClientApp()
 INTERNAL_ERROR = "internal error at the site; its operator has the details in the site's log"
@@ -116,8 +127,12 @@ def train(msg: Message, context: Context) -> Message:
     try:
         if not ncm:
             install_global(runtime, received)  # decoded; FFA: A from the seeded state
+        secure = _secure_round(msg, context, runtime.config, policy, state, round_config) if ncm else None
         with strategy_freezing(runtime):  # FFA: lora_A frozen while training
-            result = site_round(runtime, policy, state, round_config, run_id=context.run_id)
+            result = site_round(runtime, policy, state, round_config, run_id=context.run_id, secure=secure)
+    except SecureStageError as err:  # a fixed public reason (client/secure_stages.py)
+        log(ERROR, "%s: %s", runtime.data.name, err)
+        result = RoundResult("refused", str(err))
     except (ConfigError, LedgerError, SiteBusyError) as err:  # decided by settings and state, not records: may go
         result = RoundResult("refused", str(err))
     except Exception:  # its text may carry values derived from records: it stays in the site's log
@@ -133,6 +148,65 @@ def train(msg: Message, context: Context) -> Message:
         arrays = result.release if result.release is not None else reply_arrays(runtime, received)
         content[ARRAYS_RECORD] = to_record(arrays)
     return Message(content=content, reply_to=msg)
+
+
+def _secure_round(
+    msg: Message, context: Context, config: RunConfig, policy: SitePolicy, state: SiteState, round_config: dict
+) -> SecureRound | None:
+    """Stage 3 of a secure round: the mask request's :class:`SecureRound`, or None when the run is not secure."""
+    if not config.secure_aggregation:
+        return None
+    request = dict(msg.content.config_records.get(SECAGG_RECORD, ConfigRecord()))
+    server_round = int(round_config.get(SERVER_ROUND, 0))
+    return mask_stage(state, context.run_id, server_round, request, config, policy)
+
+
+def _secure_stage(msg: Message, context: Context, stage: Callable[..., dict]) -> Message:
+    """Answer one key, share or unmask stage: the stage's ConfigRecord, or a refusal with a fixed public reason.
+
+    ``stage(state, run_id, server_round, request, config, policy)`` is one of
+    ``client/secure_stages.py``'s; only policy and state are read (no records).
+    """
+    site = _site_name(context)
+    try:
+        policy = site_policy(context.node_config)
+        config = parse_run_config(context.run_config)
+        check_proposal(policy, config)
+        state = open_state(policy.state_dir)
+    except ConfigError as err:
+        return _refusal(msg, context, err)
+    except Exception:
+        return _internal_failure(msg, context, "secure-aggregation stage")
+    request = dict(msg.content.config_records.get(SECAGG_RECORD, ConfigRecord()))
+    server_round = int(dict(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())).get(SERVER_ROUND, 0))
+    try:
+        answer = stage(state, context.run_id, server_round, request, config, policy)
+    except SecureStageError as err:
+        log(ERROR, "%s: %s", site, err)
+        return Message(content=RecordDict({SITE_RECORD: _site_record(site, "refused", str(err))}), reply_to=msg)
+    except Exception:  # never the text: it could name a secret or a value of the site's state
+        log(ERROR, "%s: a secure-aggregation stage failed:\n%s", site, traceback.format_exc())
+        return Message(content=RecordDict({SITE_RECORD: _site_record(site, "refused", INTERNAL_ERROR)}), reply_to=msg)
+    content = RecordDict({SITE_RECORD: _site_record(site, "answered"), SECAGG_RECORD: ConfigRecord(answer)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.train(SECAGG_KEYS)
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Stage 1 of a secure round: fresh keys for this round, the public ones sent."""
+    return _secure_stage(msg, context, functools.partial(advertise_keys, site_id=int(context.node_id)))
+
+
+@app.train(SECAGG_SHARES)
+def secagg_shares(msg: Message, context: Context) -> Message:
+    """Stage 2: Shamir shares of this round's secrets, encrypted to each other site."""
+    return _secure_stage(msg, context, share_keys)
+
+
+@app.train(SECAGG_UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Stage 4: this site's shares for unmasking the survivors' sum, if enough sites survived."""
+    return _secure_stage(msg, context, unmask)
 
 
 @app.evaluate()

@@ -32,8 +32,9 @@ from client.local_training import trim_padding
 from client.mechanisms import SgdMechanism
 from client.nearest_class_mean import class_feature_sums, mean_pooled_features, release_class_sums
 from client.secure_noise import NoiseSource
+from client.secure_release import DistributedRelease, SecureRound, masked_release, secure_class_sums
 from client.site_runtime import SiteRuntime
-from fedcl.protocol import CLASS_SUMS, NOISE_VARIANCE
+from fedcl.protocol import CLASS_SUMS, MASKED_SUMS, NOISE_VARIANCE
 from fedcl.worker_cache import WORKER_CACHE, Owners
 from strategies.ncm_sums import with_count_coordinate
 
@@ -200,6 +201,31 @@ def run_class_sums(
     variance = np.zeros(len(sums))
     variance[list(release.classes)] = mechanism.noise_multiplier**2
     return {CLASS_SUMS: release.sums, NOISE_VARIANCE: variance}
+
+
+def run_secure_class_sums(
+    runtime: SiteRuntime, positions: np.ndarray, release: DistributedRelease, secure: SecureRound
+) -> dict[str, np.ndarray]:
+    """The same rows as :func:`run_class_sums`, released under secure aggregation (``client/secure_release.py``).
+
+    Returns the reply's arrays: the masked words of the noised integer class
+    sums (``[num_classes, dim]`` int64; nothing else about the sums leaves)
+    and, per class, this share's noise variance in feature units (public:
+    from ``z`` and ``n_h``; zero outside the released rows).
+    """
+    rows = np.asarray(positions, dtype=np.int64)
+    features, labels = frozen_features(runtime, "train")[rows], runtime.data.train.labels.cpu().numpy()[rows]
+    sums = secure_class_sums(
+        with_count_coordinate(features), labels, len(runtime.data.label_names), release, np.random.default_rng()
+    )
+    variance = np.zeros(len(sums))
+    variance[list(release.classes)] = release.noise_variance
+    return {MASKED_SUMS: masked_release(sums, release, secure), NOISE_VARIANCE: variance}
+
+
+def release_dimension(runtime: SiteRuntime) -> int:
+    """The coordinates of a released row: the frozen features' dimension plus the count column (public: the model)."""
+    return int(frozen_features(runtime, "train").shape[1]) + 1
 
 
 def _rows_of(head: torch.nn.Linear, rows: np.ndarray) -> torch.nn.Linear:

@@ -15,7 +15,10 @@
    train, with or without a fixed noise multiplier;
 3. :meth:`SiteBudget.noise_multiplier` is the one place sigma is chosen: the
    committed sigma while the site's remaining plan still fits under it, else
-   the smallest sigma that fits (a bisection against the RDP filter);
+   the smallest sigma that fits (a bisection against the RDP filter); under
+   secure aggregation :meth:`SiteBudget.common_noise_multiplier` adopts the
+   round's common level instead, if the filter affords the plan at it (the
+   hint ``noise.json`` is neither read nor written);
 4. :meth:`SiteBudget.can_afford` prices the exact mechanism objects the phase
    will run, and :meth:`SiteBudget.record` records them, saves the ledger
    atomically and then the sentinel, before any output leaves.
@@ -92,6 +95,32 @@ class SiteBudget:
             write_json_atomic(self.state.noise_hint, {"noise_multiplier": sigma})
         return sigma
 
+    def common_noise_multiplier(self, plan: Sequence[Segment], fixed: Sequence[Entry], sigma: float) -> float:
+        """Adopt the secure round's common noise level ``sigma`` if this site can afford its remaining plan at it.
+
+        ``sigma``: :func:`fresh_noise_multiplier` of the run's policy and plan
+        (every honest site adds the same share). Prices history + ``fixed`` +
+        ``plan`` at ``sigma`` with the ledger's own filter check, fixes the
+        filter order on first use, and returns ``sigma``. Never reads or
+        writes the noise hint (``noise.json``): a round at the common level
+        leaves the site's own calibration as it was. Raises
+        :class:`BudgetError` (a fixed reason: the inputs are the public plan
+        and the ledger's public mechanisms) when the plan does not fit.
+        """
+        ledger = self._ledger()
+        segments = [(float(q), int(n), groups) for q, n, groups in plan if n > 0]
+        if not segments:
+            raise ValueError("the site's remaining plan has no steps; give the run at least one round with steps")
+        entries = [*fixed, *((float(sigma), q, n, groups) for q, n, groups in segments)]
+        if not ledger.can_afford(entries):
+            raise BudgetError(
+                f"target-epsilon = {ledger.target_epsilon}: the site has spent {ledger.epsilon():.3g} and its remaining "
+                f"plan does not fit at the secure round's common noise multiplier {float(sigma):.4g}; it takes no "
+                "part (raise target-epsilon in the site's policy for a new site, or plan fewer rounds or steps)"
+            )
+        ledger.commit_order(best_order([*ledger.entries(), *entries], ledger.delta))
+        return float(sigma)
+
     def can_afford(self, mechanisms: Sequence[SgdMechanism]) -> bool:
         """True if the filter lets these exact mechanisms run (always True without DP).
 
@@ -154,6 +183,24 @@ class SiteBudget:
             return float(json.loads(path.read_text(encoding="utf-8"))["noise_multiplier"])
         except (ValueError, KeyError, TypeError):
             return 0.0  # a damaged hint only costs a new calibration; the ledger is what guards the budget
+
+
+def fresh_noise_multiplier(
+    policy: SitePolicy, plan: Sequence[Segment], fixed: Sequence[Entry] = (), proposed: float = 0.0
+) -> float:
+    """The noise multiplier a site of ``policy`` with an empty ledger would choose for ``plan`` (nothing is saved).
+
+    The common noise level of a secure round: every honest site with the
+    run's policy and plan and a fresh ledger chooses exactly this value
+    (``proposed > 0``: that value). Under secure aggregation every site takes
+    it and joins only if its own ledger affords the plan at it
+    (:meth:`SiteBudget.common_noise_multiplier`, ``client/site_round.py``).
+    """
+    if proposed > 0:
+        return float(proposed)
+    ledger = PrivacyLedger(target_epsilon=policy.target_epsilon, delta=policy.delta)
+    segments = [(float(q), int(n), groups) for q, n, groups in plan if n > 0]
+    return _smallest_fitting(ledger, lambda sigma: [*fixed, *((sigma, q, n, g) for q, n, g in segments)])
 
 
 def _smallest_fitting(ledger: PrivacyLedger, entries: Callable[[float], list[Entry]]) -> float:

@@ -13,6 +13,17 @@ where the site's policy lives:
 - ``nominal-records``: the site's public record count, from which every
   sample rate is computed. Default: the size of the site's training split,
   which is then declared public (README).
+- ``secagg-min-honest`` (0: none of its own): under secure aggregation, the
+  fewest sites the site lets a secure sum hold (``client/secure_stages.py``):
+  a run whose ``secagg-min-honest`` is lower is refused.
+- ``secagg-max-colluders`` (0: none of its own): under secure aggregation, the
+  most sites the site assumes may collude with the server; it uses
+  ``max(the run's secagg-max-colluders, this floor)`` and takes part only in
+  sums of at least ``n_h + c`` sites.
+
+Both floors default to 0, so by default the site accepts the server's
+proposal for ``n_h`` and ``c``: a site that does not trust the run's values
+sets its own floors.
 
 The run config may *propose* ``dp``, ``target-epsilon``, ``delta`` and
 ``accountant``; a proposal that disagrees with the site's policy is refused
@@ -56,6 +67,8 @@ class SitePolicy:
     accountant: str
     state_dir: Path
     nominal_records: int  # 0: the training split's size, declared public
+    secagg_min_honest: int = 0  # the fewest sites in a secure sum this site takes part in; 0: the run's n_h
+    secagg_max_colluders: int = 0  # the most sites this site assumes collude with the server; 0: the run's c
 
     def __post_init__(self) -> None:
         if not (
@@ -72,6 +85,16 @@ class SitePolicy:
             raise ConfigError(
                 f"node config 'nominal-records' = {self.nominal_records!r}: use the site's public "
                 "record count (or 0: the training split's size, declared public)"
+            )
+        if self.secagg_min_honest < 0:
+            raise ConfigError(
+                f"node config 'secagg-min-honest' = {self.secagg_min_honest!r}: use 0 (the run's) or the fewest sites "
+                "this site trusts to add their noise share, e.g. 3"
+            )
+        if self.secagg_max_colluders < 0:
+            raise ConfigError(
+                f"node config 'secagg-max-colluders' = {self.secagg_max_colluders!r}: use 0 (the run's) or the most "
+                "sites this site assumes may collude with the server, e.g. 1"
             )
 
     def nominal(self, actual_records: int) -> int:
@@ -127,11 +150,16 @@ def site_policy(node_config: Mapping[str, Any], environ: Mapping[str, str] | Non
             accountant=str(values["accountant"]),
             state_dir=folder,
             nominal_records=int(node_config.get("nominal-records", 0)),
+            secagg_min_honest=int(node_config.get("secagg-min-honest", 0)),
+            secagg_max_colluders=int(node_config.get("secagg-max-colluders", 0)),
         )
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"node config: {err}; use numbers for target-epsilon, delta and nominal-records") from err
+        raise ConfigError(
+            f"node config: {err}; use numbers for target-epsilon, delta, nominal-records, secagg-min-honest and "
+            "secagg-max-colluders"
+        ) from err
 
 
 def check_proposal(policy: SitePolicy, config: RunConfig) -> None:

@@ -50,11 +50,19 @@ from client.continual import (
 )
 from client.ewc import EwcState, anchor_arrays
 from client.mechanisms import UNBOUNDED_CLIP, RecordGroups, SgdMechanism, sgd_mechanism
-from client.phases import run_class_sums, run_importance, run_lora, run_probe
+from client.phases import (
+    release_dimension,
+    run_class_sums,
+    run_importance,
+    run_lora,
+    run_probe,
+    run_secure_class_sums,
+)
 from client.privacy_ledger import BudgetError, Entry
 from client.replay_buffer import held_groups, training_pool
 from client.secure_noise import NoiseSource
-from client.site_budget import Segment, SiteBudget, open_budget
+from client.secure_release import BitWidthError, SecureRound, check_bit_width, distributed_release
+from client.site_budget import Segment, SiteBudget, fresh_noise_multiplier, open_budget
 from client.site_policy import SitePolicy
 from client.site_runtime import SiteRuntime
 from client.site_state import SiteState, log_local_metrics
@@ -218,6 +226,7 @@ def site_round(
     round_config: Mapping[str, Any],
     noise: NoiseSource | None = None,
     run_id: int | None = None,
+    secure: SecureRound | None = None,
 ) -> RoundResult:
     """Run this site's part of one training round (see the module docstring).
 
@@ -225,7 +234,10 @@ def site_round(
     DP and a seeded source without DP (reproducible baselines; tests may pass
     a seeded source under DP, a deployment never does). ``run_id`` (Flower's):
     within one run a server round is trained at most once, in increasing
-    order; a replayed or earlier round is refused. Raises
+    order; a replayed or earlier round is refused. ``secure``: the round's
+    secure aggregation (``client/secure_stages.py``), under which the ncm
+    release is the distributed one (``client/secure_release.py``) and the
+    reply carries no ``num-examples``. Raises
     :class:`~client.site_budget.SiteBusyError` when another training holds the
     state directory, and :class:`~client.privacy_ledger.LedgerError` for a
     lost or rolled-back ledger.
@@ -267,7 +279,9 @@ def site_round(
         replayed = _replayed_round(state, run_id, server_round)
         if replayed:
             return RoundResult("refused", replayed, {"experience": experience})
-        result = _run(runtime, plan, budget, state, where.phase, experience, where.round_in_slot, server_round, noise)
+        result = _run(
+            runtime, plan, budget, state, where.phase, experience, where.round_in_slot, server_round, noise, secure
+        )
         if run_id is not None and result.status == "trained":
             write_json_atomic(state.last_round, {"run": int(run_id), "round": server_round})
         return result
@@ -297,16 +311,24 @@ def _run(
     within: int,
     server_round: int,
     noise: NoiseSource,
+    secure: SecureRound | None = None,
 ) -> RoundResult:
     config, context, policy = runtime.config, plan.context, plan.policy
     ewc = EwcState.load(state.folder, config.ewc_mode, config.ewc_decay) if config.ewc_lambda > 0 else None
     pending = pending_importance(ewc, experience)
     facts: dict[str, float] = {"experience": experience, "num-examples": plan.nominal}
+    if secure is not None:  # no per-site size beside a secure sum: the server sees the sum only
+        del facts["num-examples"]
     clip = config.max_grad_norm if policy.dp else UNBOUNDED_CLIP
     if policy.dp:
         segments, fixed = plan.remaining(experience, within, pending is not None)
         try:
-            sigma = budget.noise_multiplier(segments, fixed, proposed=config.noise_multiplier)
+            if secure is not None:  # the common level; the site's own hint (noise.json) is neither read nor written
+                sigma = budget.common_noise_multiplier(
+                    segments, fixed, fresh_noise_multiplier(policy, segments, fixed, config.noise_multiplier)
+                )
+            else:
+                sigma = budget.noise_multiplier(segments, fixed, proposed=config.noise_multiplier)
         except BudgetError as err:  # nothing left for the remaining plan: the hard stop, not a crash
             return RoundResult(
                 "skipped", f"privacy budget: {err}", {**facts, **budget.facts(), "stopped-for-budget": 1}
@@ -314,6 +336,17 @@ def _run(
     else:
         sigma = 0.0
     main = plan.phase_mechanism(phase, experience, sigma, clip)
+    classes = context.labels[experience] if not context.schedule.joint else np.arange(len(runtime.data.label_names))
+    distributed = None
+    if phase == NCM and secure is not None:  # what runs, and so what is priced: the distributed release's entry
+        if not policy.dp:
+            raise ValueError("secure aggregation carries the sites' DP noise: a site without DP takes no part")
+        distributed = distributed_release(sigma, secure.honest_sites, release_dimension(runtime), classes, main.reads)
+        try:  # public values only: refused before anything is computed or spent
+            check_bit_width(distributed, secure, len(runtime.data.label_names) * distributed.dim)
+        except BitWidthError as err:
+            return RoundResult("refused", str(err), facts)
+        main = distributed.mechanism
     note = plan.full_batch_note(phase, experience) if policy.dp else ""
     if note:  # once per process: the site's own log, never the reply
         runtime.data.note_once(note)
@@ -335,8 +368,10 @@ def _run(
         facts["ewc-importance-steps"] = importance.steps
     current = context.train_positions(experience)
     if phase == NCM:
-        classes = context.labels[experience] if not context.schedule.joint else np.arange(len(runtime.data.label_names))
-        release = run_class_sums(runtime, current, classes, main, noise)
+        if distributed is not None and secure is not None:
+            release = run_secure_class_sums(runtime, current, distributed, secure)
+        else:
+            release = run_class_sums(runtime, current, classes, main, noise)
         budget.record(main)
         return RoundResult(
             "trained", "", {**facts, **_settings(main), **budget.facts(), "stopped-for-budget": 0}, release=release

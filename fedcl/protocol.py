@@ -21,6 +21,10 @@ METRICS_RECORD = "metrics"
 CLASS_SUMS = "class-sums"  # ncm release: noisy class sums of rows [a x, b] (strategies/ncm_sums.py)
 NOISE_VARIANCE = "noise-variance"  # ncm release: per class, the noise variance added (sigma^2: public)
 CONFIG_RECORD = "config"
+# --- secure aggregation of the ncm release (fedcl/secure_ncm.py, README "Secure aggregation") ---
+SECAGG_RECORD = "secagg"  # ConfigRecord: a stage's request (server) or answer (site) of fedcl/secure_aggregation.py
+MASKED_SUMS = "masked-sums"  # ncm release under secure aggregation: int64 words, masked (the server sees only sums)
+SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK = "secagg_keys", "secagg_shares", "secagg_unmask"  # ClientApp actions
 
 # --- what the server sends with a round (everything else a site derives itself from the run config) ---
 SERVER_ROUND = "server-round"

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedcl.secure_ncm import server_bits
+
 PARTITIONS = ("iid", "dirichlet", "group")
 STRATEGIES = ("fedavg", "ffa", "exact")  # the same names as strategies.registry (tests/test_strategy_wiring.py checks)
 ROBUST_MODES = ("none", "validate", "clip", "median", "trimmed-mean")
@@ -125,6 +127,10 @@ class RunConfig:
     ewc_decay: float = 1.0  # online EWC: weight of the old importances at each new experience
     ewc_importance_batches: int = 10  # Poisson batches of the private importance estimate (ledger steps)
     ewc_importance_noise: float = 0.0  # noise multiplier of that estimate; 0: the calibrated DP-SGD one
+    # --- secure aggregation with distributed noise (ncm class sums so far; README "Secure aggregation")
+    secure_aggregation: bool = False  # the server sees only the sum of the sites' releases, each site adds a share
+    secagg_min_honest: int = 0  # n_h: sites trusted to add their noise share; 0 = every site (num-sites)
+    secagg_max_colluders: int = 0  # c: sites that may collude with the server; a sum needs n_h + c survivors
     # --- output ------------------------------------------------------------
     output_dir: str = ""  # empty: runs/<timestamp>
 
@@ -204,6 +210,17 @@ class RunConfig:
         if self.probe_learning_rate <= 0:
             _fail("probe-learning-rate", self.probe_learning_rate, "use a positive learning rate, e.g. 0.5")
         _check_continual(self)
+        _check_secure_aggregation(self)
+
+    @property
+    def honest_sites(self) -> int:
+        """n_h: the sites whose noise shares the ledger counts under secure aggregation (``secagg-min-honest``)."""
+        return self.secagg_min_honest or self.num_sites
+
+    @property
+    def required_survivors(self) -> int:
+        """n_h + c: the fewest sites a secure sum may be unmasked with, so at least n_h honest shares are in it."""
+        return self.honest_sites + self.secagg_max_colluders
 
     @property
     def label_names(self) -> list[str]:
@@ -341,6 +358,88 @@ def _check_aggregation(config: RunConfig) -> None:
         _fail("attack-site", config.attack_site, f"use a site number 0 .. {config.num_sites - 1}")
     if not config.attack_scale > 0:
         _fail("attack-scale", config.attack_scale, "use a positive factor, e.g. 100.0")
+
+
+def _check_secure_aggregation(config: RunConfig) -> None:
+    """``secure-aggregation``, ``secagg-min-honest`` and ``secagg-max-colluders`` (``n_h + c <= num-sites``),
+    and what secure aggregation cannot run with."""
+    if config.secagg_min_honest != 0 and not 2 <= config.secagg_min_honest <= config.num_sites:
+        _fail(
+            "secagg-min-honest",
+            config.secagg_min_honest,
+            f"use 0 (every site: num-sites = {config.num_sites}) or 2 .. num-sites; the fewer, the more noise each "
+            "site adds",
+        )
+    if not 0 <= config.secagg_max_colluders <= max(config.num_sites - 2, 0):
+        _fail(
+            "secagg-max-colluders",
+            config.secagg_max_colluders,
+            f"use 0 (no site colludes with the server) .. num-sites - 2 = {max(config.num_sites - 2, 0)}",
+        )
+    if config.required_survivors > config.num_sites:
+        _fail(
+            "secagg-max-colluders",
+            config.secagg_max_colluders,
+            f"secagg-min-honest ({config.honest_sites}) + secagg-max-colluders must be at most num-sites = "
+            f"{config.num_sites}: lower secagg-min-honest to num-sites - secagg-max-colluders "
+            f"({config.num_sites - config.secagg_max_colluders}) or fewer",
+        )
+    if not config.secure_aggregation:
+        return
+    conflicts = (
+        (
+            "recipe",
+            config.recipe,
+            config.chosen_recipe != "ncm",
+            'covers the ncm recipe\'s class sums so far; set recipe = "ncm", or secure-aggregation = false',
+        ),
+        (
+            "dp",
+            config.dp,
+            not config.dp,
+            "carries the sites' distributed DP noise; set dp = true, or "
+            "secure-aggregation = false for a non-private baseline",
+        ),
+        (
+            "num-sites",
+            config.num_sites,
+            config.num_sites < 2,
+            "a secure sum of one site is that site's release: use at least 2 sites, or secure-aggregation = false",
+        ),
+        (
+            "robust",
+            config.robust,
+            config.robust not in ("none", "validate") or config.max_update_norm > 0,
+            "the server sees only the masked sum, so no per-site check or robust rule can run (each site bounds its "
+            'own rows): use robust = "validate" (or none) with max-update-norm = 0, or secure-aggregation = false',
+        ),
+        (
+            "compression",
+            config.compression,
+            config.compression != "none",
+            'masked integers cannot be compressed: use compression = "none", or secure-aggregation = false',
+        ),
+        (
+            "attack",
+            config.attack,
+            config.attack != "none",
+            'the fault injector corrupts adapter updates, not masked sums: use attack = "none"',
+        ),
+        (
+            "site-offsets",
+            config.site_offsets,
+            any(config.offsets),
+            "a site that starts late would drop out of "
+            "every secure round before it starts: leave site-offsets empty with secure aggregation (so far)",
+        ),
+    )
+    for key, value, bad, fix in conflicts:
+        if bad:
+            _fail(key, value, f"secure-aggregation = true {fix}")
+    try:  # the word width both sides compute (fedcl/secure_ncm.py), at the largest noise a site can use
+        server_bits(config.num_sites, config.max_train_examples, config.honest_sites, config.noise_multiplier)
+    except ValueError as err:
+        _fail("max-train-examples", config.max_train_examples, f"secure-aggregation = true: {err}")
 
 
 def parse_offsets(text: str, num_sites: int) -> tuple[int, ...]:

@@ -174,6 +174,19 @@ def glance_rows(record: RunRecord) -> list[tuple[str, Any]]:
     return rows
 
 
+def server_view(record: RunRecord) -> str:
+    """What the server saw of the sites' releases, in words: each site's own, or only their sum."""
+    if str(record.config.get("secure-aggregation", False)).lower() == "true":
+        return (
+            "The server saw only the sum of the sites' class sums (secure aggregation); each site added a share of "
+            "the noise, counted as if only secagg-min-honest sites were honest."
+        )
+    return (
+        "The server sees each site's own noised update (secure aggregation, where it sees only their sum, covers "
+        "the ncm recipe's class sums when a run asks for it)."
+    )
+
+
 def released_by_recipe(record: RunRecord) -> str:
     """What each site sent in words, for the recipe the run used."""
     config = record.config
@@ -219,8 +232,7 @@ def privacy_statement(record: RunRecord) -> list[str]:
         "server included) can tell with confidence whether any one training record was in that site's data. The "
         f"strength of that promise is the site's <i>epsilon</i> (smaller is stronger), at a failure probability "
         f"<i>delta</i> of {esc(delta)}. {esc(budget)}; the largest any site reached is {esc(number(worst))}.</p>",
-        f"<p><b>What each site released, noised:</b> {esc(released_by_recipe(record))}. The server sees each "
-        "site's own noised update (secure aggregation, where it would see only their sum, is not built yet).</p>",
+        f"<p><b>What each site released, noised:</b> {esc(released_by_recipe(record))}. {esc(server_view(record))}</p>",
         "<p><b>Sent without noise (declared public, not covered by epsilon):</b> the accuracy, loss and number of "
         "the site's held-out <i>test</i> records; its training-record count as the averaging weight; one-bit "
         "refusals (its records do not fit the federation, its records changed since its state was made, an internal "

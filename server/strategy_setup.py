@@ -18,9 +18,11 @@ import numpy as np
 
 from fedcl.atomic_files import save_arrays_atomic
 from fedcl.run_config import RunConfig
+from fedcl.secure_ncm import server_bits
 from strategies.aggregation import Aggregator
 from strategies.node_sampling import EvaluationSampling
 from strategies.registry import build_aggregator, build_compression
+from strategies.secure_rounds import SecureRounds
 from strategies.site_strategy import SiteStrategy, aggregator_state, load_aggregator_state
 
 STATE_FILE = "strategy_state.npz"  # beside checkpoint/global.npz
@@ -53,7 +55,8 @@ def build_strategy(
     evaluate, every one in the rounds where ``every_site(round)`` (default:
     the last round of the plain schedule); ``min-replies`` usable replies
     for a round to count, the configured aggregator (or ``aggregator``, e.g.
-    the class-sum adder) and codec.
+    the class-sum adder) and codec; with ``secure-aggregation``, the
+    protocol's stages around every training round (``strategies/secure_rounds.py``).
     """
     last = config.total_rounds
     sampling = EvaluationSampling(
@@ -68,6 +71,20 @@ def build_strategy(
         wait_timeout=config.round_timeout,
         registered_nodes=config.site_node_ids,
         evaluation_sampling=sampling,
+        secure=secure_rounds(config),
+    )
+
+
+def secure_rounds(config: RunConfig) -> SecureRounds | None:
+    """The secure-aggregation driver of a ``secure-aggregation`` run (public bit width, ``n_h``, ``c``), else None.
+
+    A round asks at most ``num-sites`` nodes, the count the bit width is computed for.
+    """
+    if not config.secure_aggregation:
+        return None
+    bits = server_bits(config.num_sites, config.max_train_examples, config.honest_sites, config.noise_multiplier)
+    return SecureRounds(
+        config.honest_sites, bits, config.round_timeout, config.secagg_max_colluders, max_sites=config.num_sites
     )
 
 

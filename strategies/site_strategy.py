@@ -21,6 +21,12 @@ hooks:
   (:attr:`SiteStrategy.current`, the one the strategy sends) stays as it was.
   A round whose every update is rejected keeps the model too, without failing.
 
+Secure aggregation (``secure``, the ncm recipe): ``configure_train`` first
+runs the protocol's key stages and sends each step-2 site its mask request
+with the train message; ``aggregate_train`` unmasks the sum of the masked
+releases that arrived and hands the aggregator that one sum
+(``strategies/secure_rounds.py``); a round that cannot unmask fails.
+
 Every reply (trained, skipped, refused, failed, missing, or rejected with the
 reason) is kept per round for the run report. ``start(..., first_round=k+1)``
 continues a run: hooks and ``evaluate_fn`` see the true round numbers. No torch.
@@ -47,6 +53,7 @@ from fedcl.protocol import (
     CONFIG_RECORD,
     METRICS_RECORD,
     REASON,
+    SECAGG_RECORD,
     SERVER_ROUND,
     SITE_NAME,
     SITE_RECORD,
@@ -57,6 +64,7 @@ from fedcl.protocol import (
 from strategies.aggregation import Aggregator, Arrays, SiteUpdate
 from strategies.compression import Compression
 from strategies.node_sampling import EvaluationSampling, wait_for_nodes
+from strategies.secure_rounds import SecureRoundError, SecureRounds
 from strategies.site_identity import SiteIdentities
 from strategies.wire import WireFormat
 
@@ -138,6 +146,7 @@ class SiteStrategy(Strategy):
         poll_seconds: float = 1.0,
         registered_nodes: Mapping[str, int] | None = None,
         evaluation_sampling: EvaluationSampling | None = None,
+        secure: SecureRounds | None = None,
     ) -> None:
         if not 1 <= (required_replies or num_sites) <= num_sites:
             raise ValueError(f"required_replies = {required_replies}: use 1 .. num_sites ({num_sites}) or None (all)")
@@ -165,6 +174,8 @@ class SiteStrategy(Strategy):
         self.evaluation_sampling = evaluation_sampling or EvaluationSampling()
         self.not_asked: dict[int, set[int]] = {}  # round -> connected nodes the sample left out of evaluation
         self.server_seconds: dict[int, float] = {}  # round -> the server's own work (messages, aggregation), not waits
+        self.secure = secure  # secure aggregation of the ncm release (strategies/secure_rounds.py), or None
+        self.secure_dropped: dict[int, dict[int, str]] = {}  # round -> node -> why it left in the key stages
 
     # --- the loop --------------------------------------------------------------------------------------------
 
@@ -233,7 +244,15 @@ class SiteStrategy(Strategy):
         self.committed = ({k: v.copy() for k, v in self.current.items()}, aggregator_state(self.aggregator))
         nodes = wait_for_nodes(grid, self.required_replies, self.wait_timeout, self.poll_seconds)
         entries = {**dict(config), **self.round_config(server_round)}
-        return self._messages(server_round, "train", nodes, entries)
+        if self.secure is None:
+            return self._messages(server_round, "train", nodes, entries)
+        session = self.secure.open(grid, server_round, nodes, entries)  # stages 1 and 2, before any release
+        self.secure_dropped[server_round] = dict(session.dropped)
+        messages = self._messages(server_round, "train", sorted(session.requests), entries)
+        for message in messages:  # each step-2 site's own mask request rides in its train message
+            request = session.requests[int(message.metadata.dst_node_id)]
+            message.content = RecordDict({**dict(message.content), SECAGG_RECORD: ConfigRecord(request)})
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -305,6 +324,9 @@ class SiteStrategy(Strategy):
             if status == "trained" and ARRAYS_RECORD in content.array_records:
                 record = content.array_records[ARRAYS_RECORD]
                 reply.bytes_up = record.count_bytes()
+                if self.secure is not None:  # masked words: nothing to decode or check one by one
+                    pending.append((SiteUpdate(reply.site, to_numpy(record), 0), reply))
+                    continue
                 try:
                     arrays = self.wire.decode_uplink(server_round, to_numpy(record))
                 except ValueError as err:
@@ -319,8 +341,13 @@ class SiteStrategy(Strategy):
                 log(INFO, "round %s: %s sent no update (%s): %s", server_round, reply.site, reply.status, reply.reason)
         self.train_replies[server_round] = records
         if len(self._took_part(records, "training")) < self.required_replies:
-            self._fail(server_round, "training", records)
+            session = self.secure.sessions.pop(server_round, None) if self.secure is not None else None
+            self._fail(server_round, "training", records, session.failure if session is not None else "")
             return None, None
+        if self.secure is not None and pending:
+            return self._aggregate_secure(server_round, pending, records)
+        if self.secure is not None:
+            self.secure.sessions.pop(server_round, None)
         if not pending:
             log(WARNING, "round %s: no site sent an update; the global adapter stays as it was", server_round)
             return None, None
@@ -339,6 +366,23 @@ class SiteStrategy(Strategy):
         return to_record(self.current), MetricRecord(
             {"train-loss": float(mean_loss), "sites-trained": len(accepted), "sites-rejected": diagnostics["rejected"]}
         )
+
+    def _aggregate_secure(
+        self, server_round: int, pending: list[tuple[SiteUpdate, SiteReply]], records: list[SiteReply]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the sum of the masked releases in ``pending`` and add it as one update; fail the round if it cannot."""
+        if self.secure is None:
+            raise ValueError("not a secure round: aggregate the updates one by one")
+        releases = {int(reply.node): update.arrays for update, reply in pending if reply.node is not None}
+        try:
+            total = self.secure.finish(self.grid, server_round, releases, self.round_config(server_round))
+        except SecureRoundError as err:
+            self._fail(server_round, "training", records, f"secure aggregation: {err}")
+            return None, None
+        self.current = self.aggregator.aggregate(self.current, [SiteUpdate("secure-sum", total, 0)])
+        self.round_diagnostics[server_round] = {"rejected": 0}
+        self.updated_rounds.add(server_round)
+        return to_record(self.current), MetricRecord({"sites-trained": len(pending), "sites-rejected": 0})
 
     def _apply_checks(
         self, server_round: int, pending: list[tuple[SiteUpdate, SiteReply]]
@@ -433,10 +477,16 @@ class SiteStrategy(Strategy):
             if node not in replied
         ]
         not_asked = self.not_asked.get(server_round, set()) if kind == "evaluate" else set()
+        dropped = self.secure_dropped.get(server_round, {}) if kind == "train" else {}
+        late += [
+            SiteReply(self.identities.name_of(node), "refused", f"left in the secure key stages: {reason}", node=node)
+            for node, reason in sorted(dropped.items())
+            if node not in replied
+        ]
         absent = [
             SiteReply(name, "missing", "not connected when the round started", node=node)
             for name, node in sorted(self.identities.nodes.items())
-            if node not in sent and node not in replied and node not in not_asked
+            if node not in sent and node not in replied and node not in not_asked and node not in dropped
         ]
         return late + absent
 
@@ -464,7 +514,7 @@ class SiteStrategy(Strategy):
             if r.status in ("trained", "skipped") or (r.status == "rejected" and bound.get(r.site) == r.node)
         ]
 
-    def _fail(self, server_round: int, kind: str, records: list[SiteReply]) -> None:
+    def _fail(self, server_round: int, kind: str, records: list[SiteReply], why: str = "") -> None:
         """Mark ``server_round`` failed: too few ``kind`` replies took part; say which sites were missing and why."""
         counted = {id(r) for r in self._took_part(records, kind)}
         count = len(counted)
@@ -475,6 +525,7 @@ class SiteStrategy(Strategy):
         if absent > 0:
             parts.append(f"{absent} site(s) not connected")
         reason = f"{count} of {self.required_replies} required {kind} replies{': ' + '; '.join(parts) if parts else ''}"
+        reason = f"{why}; {reason}" if why else reason
         earlier = self.round_failures.get(server_round)
         self.round_failures[server_round] = f"{earlier}; {reason}" if earlier else reason
         self.round_unusable[server_round] = sorted(
