@@ -177,9 +177,13 @@ def glance_rows(record: RunRecord) -> list[tuple[str, Any]]:
 def server_view(record: RunRecord) -> str:
     """What the server saw of the sites' releases, in words: each site's own, or only their sum."""
     if str(record.config.get("secure-aggregation", False)).lower() == "true":
+        honest = record.config.get("secagg-min-honest", 0)
+        colluders = record.config.get("secagg-max-colluders", 0)
         return (
             "The server saw only the sum of the sites' class sums (secure aggregation); each site added a share of "
-            "the noise, counted as if only secagg-min-honest sites were honest."
+            f"the noise, counted as if only secagg-min-honest = {honest or 'every site'} sites were honest, with at "
+            f"most secagg-max-colluders = {colluders} sites colluding with the server (a sum was unmasked only with "
+            "at least both together surviving)."
         )
     return (
         "The server sees each site's own noised update (secure aggregation, where it sees only their sum, covers "

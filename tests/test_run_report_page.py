@@ -185,3 +185,16 @@ def test_a_resumed_runs_tensorboard_shows_each_round_once(tmp_path):
     events.Reload()
     got = [(e.step, round(e.value, 6)) for e in events.Scalars("accuracy/site-0")]
     assert got == [(1, 0.1), (2, 0.7), (3, 0.8)]
+
+
+def test_the_report_says_what_the_server_saw_and_under_which_trust_assumption(tmp_path):
+    from server.report_page import server_view
+
+    rows = [site_row(1, "a", 0.5)]
+    plain = read_run(write_run(tmp_path / "plain", rows, {"dp": True}))
+    assert "sees each site's own noised update" in server_view(plain)
+    secure_config = {"dp": True, "secure-aggregation": True, "secagg-min-honest": 3, "secagg-max-colluders": 1}
+    secure = read_run(write_run(tmp_path / "secure", rows, secure_config))
+    text = server_view(secure)
+    assert "saw only the sum" in text
+    assert "secagg-min-honest = 3" in text and "secagg-max-colluders = 1" in text
