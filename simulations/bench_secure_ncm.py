@@ -23,7 +23,9 @@ site (add/remove one record), the noise priced by the project's RDP filter:
 Also measured, in-process (no network): the protocol's time per site and the server's, and the bytes a site sends,
 for 3, 10 and 30 sites on one release of the CLINC150 size (150 classes x 385 coordinates).
 
-Usage: ``python -m simulations.bench_secure_ncm [--scenarios ...] [--seeds 3] [--out runs/bench_secure_ncm.json]``.
+Usage: ``python -m simulations.bench_secure_ncm [--scenarios ...] [--seeds 3] [--out runs/bench_secure_ncm.json]``;
+``--flower 3 10 30`` instead runs the release round through Flower's simulation engine, secure and plain, for those
+numbers of sites (BBC, 20 train records a site), and reports its seconds and bytes.
 Prints Markdown tables and writes JSON. Features come from ``bench_private_heads``' cache (/tmp/heads/features).
 """
 
@@ -267,6 +269,67 @@ def protocol_costs(site_counts: list[int], classes: int = 150, dim: int = 385) -
     return out
 
 
+def flower_rounds(site_counts: list[int], out_root: Path) -> list[dict[str, Any]]:
+    """The ncm release round through Flower's simulation engine, secure and plain, for each number of sites.
+
+    One fresh run per row (``simulations.run.fresh_run``) of the default BBC data, IID, 20 train and 10 test records
+    a site, ``max-length`` 32, a class-incremental stream of 2 experiences (2 release rounds), one CPU per worker:
+    the second release round's seconds (the first also loads the model and embeds) and the server's own part (its
+    round line), the bytes up and down (summary.json, both rounds), the accuracy. Secure rows use the defaults ``secagg-min-honest`` =
+    every site and ``secagg-max-colluders`` = 0.
+    """
+    from simulations.bench_scale import round_seconds
+    from simulations.run import fresh_run
+
+    out = []
+    for n in site_counts:
+        for secure in (False, True):
+            overrides = {
+                "recipe": "ncm",
+                "num-sites": n,
+                "partition": "iid",
+                "max-length": 32,
+                "max-train-examples": 20,
+                "max-test-examples": 10,
+                "stream": "class-incremental",
+                "num-experiences": 2,
+                "secure-aggregation": secure,
+            }
+            run = fresh_run(overrides, out_root / f"{'secure' if secure else 'plain'}-{n}", cpus_per_site=1)
+            rounds, server = round_seconds(run.run_dir)
+            out.append(
+                {
+                    "sites": n,
+                    "secure": secure,
+                    "accuracy": run.summary.get("accuracy"),
+                    "first_round_seconds": rounds.get(1),
+                    "release_round_seconds": rounds.get(2),
+                    "server_seconds": server.get(2),
+                    "wall_seconds": round(run.wall_seconds, 1),
+                    "bytes_up": run.summary["bytes"]["up_total"],
+                    "bytes_down": run.summary["bytes"]["down_total"],
+                }
+            )
+            print(f"  {n} sites, {'secure' if secure else 'plain'}: {out[-1]}", flush=True)
+    return out
+
+
+def flower_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: the release round through Flower, secure against plain."""
+    lines = [
+        "| sites | mode | accuracy | round 1 s | round 2 (release) s | server s, round 2 | wall s | MB up | MB down |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sites']} | {'secure' if r['secure'] else 'plain'} | {r['accuracy']:.3f} | "
+            f"{r['first_round_seconds']:.1f} | {r['release_round_seconds']:.1f} | {r['server_seconds'] or 0:.2f} | "
+            f"{r['wall_seconds']:.0f} | "
+            f"{r['bytes_up'] / 1e6:.2f} | {r['bytes_down'] / 1e6:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def tables(rows: list[dict[str, Any]], costs: list[dict[str, Any]]) -> str:
     """Markdown: accuracy per scenario and row; protocol cost per number of sites."""
     lines = [
@@ -298,7 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sites", type=int, nargs="*", default=[3, 10, 30])
     parser.add_argument("--out", default="runs/bench_secure_ncm.json")
+    parser.add_argument(
+        "--flower",
+        type=int,
+        nargs="*",
+        default=None,
+        help="instead: the release round through Flower's simulation engine for these numbers of sites",
+    )
     args = parser.parse_args(argv)
+    if args.flower:
+        rows_flower = flower_rounds(args.flower, Path(args.out).parent / "bench_secure_ncm")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"flower": rows_flower}, indent=1, default=float), encoding="utf-8")
+        print(flower_table(rows_flower))
+        return 0
     rows: list[dict[str, Any]] = []
     for name in args.scenarios:
         print(f"bench_secure_ncm: {name}", flush=True)
