@@ -25,7 +25,8 @@ for 3, 10 and 30 sites on one release of the CLINC150 size (150 classes x 385 co
 
 Usage: ``python -m simulations.bench_secure_ncm [--scenarios ...] [--seeds 3] [--out runs/bench_secure_ncm.json]``;
 ``--flower 3 10 30`` instead runs the release round through Flower's simulation engine, secure and plain, for those
-numbers of sites (BBC, 20 train records a site), and reports its seconds and bytes.
+numbers of sites (BBC, 20 train records a site), and reports its seconds and bytes; ``--deployment 3`` runs the
+release rounds in the deployment path (``fedcl poc``: TLS, authenticated SuperNodes), plain and secure.
 Prints Markdown tables and writes JSON. Features come from ``bench_private_heads``' cache (/tmp/heads/features).
 """
 
@@ -314,6 +315,54 @@ def flower_rounds(site_counts: list[int], out_root: Path) -> list[dict[str, Any]
     return out
 
 
+MEDQUAD = Path("../shared/data/medquad/medquad.csv")
+
+
+def deployment_rounds(sites: int, out_root: Path, records: int = 40) -> list[dict[str, Any]]:
+    """The ncm release rounds in the deployment path (``fedcl poc``: TLS, authenticated SuperNodes), plain and secure.
+
+    MedQuAD answers -> question type, ``records`` per site (the file split among ``sites``), ``max-length`` 32, a
+    class-incremental stream of 2 experiences; each round's seconds as the ServerApp logged them (round 1 holds the
+    first messages' cold start), the run's seconds from submission, and the accuracy. Flower starts a fresh
+    ClientApp process for every message, so each of the three extra secure stages costs a process start per site.
+    """
+    import io
+
+    from fedcl.pilot.poc import PocPlan, run_poc
+
+    out = []
+    for secure in (False, True):
+        plan = PocPlan(
+            sites=sites,
+            data=[MEDQUAD.resolve()],
+            workdir=out_root / f"deployment-{'secure' if secure else 'plain'}-{sites}",
+            run_config=(
+                "recipe='ncm' max-length=32 stream='class-incremental' num-experiences=2 "
+                f"secure-aggregation={'true' if secure else 'false'}"
+            ),
+            text_column="answer",
+            label_column="qtype",
+            max_records=records,
+            force=True,
+            timeout=900,
+        )
+        result = run_poc(plan, io.StringIO())
+        if not result.outcome.completed:
+            raise RuntimeError(f"the {'secure' if secure else 'plain'} pilot run did not complete: {result.outcome}")
+        summary = json.loads((result.run_dir / "summary.json").read_text(encoding="utf-8"))
+        out.append(
+            {
+                "sites": sites,
+                "secure": secure,
+                "accuracy": summary.get("accuracy"),
+                "round_seconds": [t.seconds for t in result.rounds],
+                "run_seconds": result.timings.get("run_s"),
+            }
+        )
+        print(f"  deployment, {sites} sites, {'secure' if secure else 'plain'}: {out[-1]}", flush=True)
+    return out
+
+
 def flower_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: the release round through Flower, secure against plain."""
     lines = [
@@ -368,7 +417,22 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="instead: the release round through Flower's simulation engine for these numbers of sites",
     )
+    parser.add_argument(
+        "--deployment",
+        type=int,
+        default=0,
+        help="instead: the release rounds in the deployment path (fedcl poc over TLS) with this many sites",
+    )
     args = parser.parse_args(argv)
+    if args.deployment:
+        rows_pilot = deployment_rounds(args.deployment, Path(args.out).parent / "bench_secure_ncm")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"deployment": rows_pilot}, indent=1, default=float), encoding="utf-8")
+        for r in rows_pilot:
+            rounds = ", ".join(f"{s:.1f}" for s in r["round_seconds"])
+            kind = "secure" if r["secure"] else "plain"
+            print(f"| {r['sites']} | {kind} | {r['accuracy']:.3f} | {rounds} | {r['run_seconds']:.0f} |")
+        return 0
     if args.flower:
         rows_flower = flower_rounds(args.flower, Path(args.out).parent / "bench_secure_ncm")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
