@@ -162,10 +162,7 @@ def share_keys(
     policy: SitePolicy,
 ) -> dict[str, Any]:
     """Stage 2: the encrypted shares for the other sites (state saved first); refuses fewer than ``n_h + c`` sites."""
-    minimum = required_survivors(config, policy)
-    path = state_path(state, run_id, server_round)
-    remove_stale_states(state, run_id, server_round)
-    protocol = load_protocol_state(path)
+    minimum, path, protocol = _resume_round(state, run_id, server_round, config, policy)
     parsed = _protocol_call(lambda: ShareKeysRequest.from_dict(request))
     if len(parsed.public_keys) < minimum:
         raise SecureStageError(TOO_FEW_HONEST)
@@ -188,10 +185,7 @@ def mask_stage(
     are fewer than :func:`required_survivors`. The bit width is checked
     against ``max(num-sites, the round's sites)`` (the sum of every site in it).
     """
-    minimum = required_survivors(config, policy)
-    path = state_path(state, run_id, server_round)
-    remove_stale_states(state, run_id, server_round)
-    protocol = load_protocol_state(path)
+    minimum, path, protocol = _resume_round(state, run_id, server_round, config, policy)
     parsed = _protocol_call(lambda: MaskRequest.from_dict(request))
     if len(set(parsed.round_sites)) < minimum:
         raise SecureStageError(TOO_FEW_HONEST)
@@ -219,10 +213,7 @@ def unmask(
     minimum, a site both survivor and dropped, a share of the other kind
     revealed before) is answered with a fixed reason.
     """
-    minimum = required_survivors(config, policy)
-    path = state_path(state, run_id, server_round)
-    remove_stale_states(state, run_id, server_round)
-    protocol = load_protocol_state(path)
+    minimum, path, protocol = _resume_round(state, run_id, server_round, config, policy)
     parsed = _protocol_call(lambda: UnmaskRequest.from_dict(request))
     if len(set(parsed.survivors)) < minimum:
         raise SecureStageError(TOO_FEW_HONEST)
@@ -230,6 +221,16 @@ def unmask(
     save_protocol_state(path, protocol)  # the record of revealed shares is on disk before the answer leaves
     path.unlink(missing_ok=True)  # the round is over for this site: a repeated request finds no state
     return reply.to_dict()
+
+
+def _resume_round(
+    state: SiteState, run_id: int, server_round: int, config: RunConfig, policy: SitePolicy
+) -> tuple[int, Path, ProtocolState]:
+    """What stages 2-4 start from: the sites required, the round's state file (stale ones removed), its state."""
+    minimum = required_survivors(config, policy)
+    path = state_path(state, run_id, server_round)
+    remove_stale_states(state, run_id, server_round)
+    return minimum, path, load_protocol_state(path)
 
 
 def _protocol_call(call):

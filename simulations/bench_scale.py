@@ -54,22 +54,34 @@ MODES = {"private": {"dp": True, "target-epsilon": 8.0}, "plain": {"dp": False}}
 
 
 class MemoryPeak:
-    """The machine's peak used memory above its level at start, sampled in a thread (psutil)."""
+    """The machine's peak used memory above its level at start, sampled in a thread (psutil).
+
+    Subclasses change what one reading is (:meth:`reading`) and what it is
+    measured from (:meth:`start_level`); the sampling thread is this one.
+    """
 
     def __init__(self, every: float = 0.5) -> None:
         import psutil
 
         self.psutil = psutil
         self.every = every
-        self.baseline = psutil.virtual_memory().used
+        self.baseline = self.start_level()
         self.peak = self.baseline
         self.running = True
         self.thread = threading.Thread(target=self.sample, daemon=True)
 
+    def reading(self) -> int:
+        """One reading, in bytes: the machine's used memory."""
+        return self.psutil.virtual_memory().used
+
+    def start_level(self) -> int:
+        """What the peak is measured from: the reading before the run."""
+        return self.reading()
+
     def sample(self) -> None:
         """Keep the highest reading until stopped."""
         while self.running:
-            self.peak = max(self.peak, self.psutil.virtual_memory().used)
+            self.peak = max(self.peak, self.reading())
             time.sleep(self.every)
 
     def __enter__(self) -> MemoryPeak:
@@ -82,12 +94,12 @@ class MemoryPeak:
 
     @property
     def peak_mb(self) -> float:
-        """Peak used memory above the baseline, in MiB."""
+        """Peak reading above the start level, in MiB."""
         return (self.peak - self.baseline) / 2**20
 
 
-class RunMemoryPeak:
-    """The peak memory of one run's own processes: the sum of their PSS, sampled in a thread (psutil).
+class RunMemoryPeak(MemoryPeak):
+    """The peak memory of one run's own processes: the sum of their PSS, from zero, sampled in a thread (psutil).
 
     A run's processes are this launcher and every process whose environment
     carries the run's virtual-site settings (``client.site_policy.SIMULATION_ENV``
@@ -102,18 +114,16 @@ class RunMemoryPeak:
     def __init__(self, run_dir: Path, every: float = 0.5) -> None:
         import os
 
-        import psutil
-
         from client.site_policy import SIMULATION_ENV
 
-        self.psutil = psutil
         self.own_pid = os.getpid()
         self.variable = SIMULATION_ENV
         self.marker = str(run_dir.resolve())
-        self.every = every
-        self.peak = 0
-        self.running = True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
+        super().__init__(every)
+
+    def start_level(self) -> int:
+        """Zero: the peak is the run's whole PSS total."""
+        return 0
 
     def run_processes(self) -> list[Any]:
         """This process and every process whose environment names the run directory."""
@@ -126,30 +136,15 @@ class RunMemoryPeak:
                 continue
         return found
 
-    def sample(self) -> None:
-        """Keep the highest total until stopped."""
-        while self.running:
-            total = 0
-            for process in self.run_processes():
-                try:
-                    total += process.memory_full_info().pss
-                except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
-                    continue
-            self.peak = max(self.peak, total)
-            time.sleep(self.every)
-
-    def __enter__(self) -> RunMemoryPeak:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.running = False
-        self.thread.join()
-
-    @property
-    def peak_mb(self) -> float:
-        """The run's peak PSS total, in MiB."""
-        return self.peak / 2**20
+    def reading(self) -> int:
+        """The PSS total of the run's processes, in bytes (a process that ends while read is left out)."""
+        total = 0
+        for process in self.run_processes():
+            try:
+                total += process.memory_full_info().pss
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                continue
+        return total
 
 
 def round_seconds(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
