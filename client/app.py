@@ -5,10 +5,11 @@ against it, install the global adapter from the message (or the seeded
 initial one), run the site round (``client/site_round.py``), reply with the
 trained tensors (or the class-sum release) and the allow-listed metrics, or
 with no update and the reason. Evaluate: install the global model and
-evaluate it on the site's own test split. Secure aggregation (the ``ncm``
-release under ``secure-aggregation``): three more train actions answer the
-protocol's key, share and unmask stages (``client/secure_stages.py``); the
-masked release itself is the ncm round's train message.
+evaluate it on the site's own test split. Secure aggregation
+(``secure-aggregation``): three more train actions answer the protocol's key,
+share and unmask stages (``client/secure_stages.py``); the masked release
+itself is the round's train message (the ncm class sums, or the probe and
+LoRA tensors masked by ``client/secure_update.py``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from client.data_fingerprint import check_data_fingerprint
 from client.evaluation import evaluate_adapter, evaluate_class_sums
 from client.feature_store import attach_feature_store
 from client.privacy_ledger import LedgerError
-from client.secure_release import SecureRound
+from client.secure_release import BitWidthError, SecureRound
 from client.secure_stages import SecureStageError, advertise_keys, mask_stage, share_keys, unmask
+from client.secure_update import masked_update
 from client.site_budget import SiteBusyError
 from client.site_data import SiteDataError
 from client.site_policy import SitePolicy, check_proposal, site_policy
@@ -127,10 +129,12 @@ def train(msg: Message, context: Context) -> Message:
     try:
         if not ncm:
             install_global(runtime, received)  # decoded; FFA: A from the seeded state
-        secure = _secure_round(msg, context, runtime.config, policy, state, round_config) if ncm else None
+        secure = _secure_round(msg, context, runtime.config, policy, state, round_config)
         with strategy_freezing(runtime):  # FFA: lora_A frozen while training
             result = site_round(runtime, policy, state, round_config, run_id=context.run_id, secure=secure)
-    except SecureStageError as err:  # a fixed public reason (client/secure_stages.py)
+        if secure is not None and not ncm and result.status == "trained":  # the ledger holds the round already
+            result.release = masked_update(reply_arrays(runtime, received), result.weight, secure)
+    except (SecureStageError, BitWidthError) as err:  # a fixed public reason (client/secure_stages.py)
         log(ERROR, "%s: %s", runtime.data.name, err)
         result = RoundResult("refused", str(err))
     except (ConfigError, LedgerError, SiteBusyError) as err:  # decided by settings and state, not records: may go

@@ -62,6 +62,7 @@ from client.privacy_ledger import BudgetError, Entry
 from client.replay_buffer import held_groups, training_pool
 from client.secure_noise import NoiseSource
 from client.secure_release import BitWidthError, SecureRound, check_bit_width, distributed_release
+from client.secure_update import update_scale
 from client.site_budget import Segment, SiteBudget, fresh_noise_multiplier, open_budget
 from client.site_policy import SitePolicy
 from client.site_runtime import SiteRuntime
@@ -79,6 +80,7 @@ class RoundResult:
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     release: dict[str, np.ndarray] | None = None  # a class-sum release (the ncm recipe) instead of the adapter
+    weight: int = 0  # a trained probe or LoRA round: the site's public nominal size, its FedAvg weight
 
 
 @dataclass(frozen=True)
@@ -236,8 +238,10 @@ def site_round(
     within one run a server round is trained at most once, in increasing
     order; a replayed or earlier round is refused. ``secure``: the round's
     secure aggregation (``client/secure_stages.py``), under which the ncm
-    release is the distributed one (``client/secure_release.py``) and the
-    reply carries no ``num-examples``. Raises
+    release is the distributed one (``client/secure_release.py``), a probe or
+    LoRA round is the plain one at the site's own noise level (the client
+    app masks its tensors: ``client/secure_update.py``), and the reply
+    carries no ``num-examples``. Raises
     :class:`~client.site_budget.SiteBusyError` when another training holds the
     state directory, and :class:`~client.privacy_ledger.LedgerError` for a
     lost or rolled-back ledger.
@@ -323,7 +327,7 @@ def _run(
     if policy.dp:
         segments, fixed = plan.remaining(experience, within, pending is not None)
         try:
-            if secure is not None:  # the common level; the site's own hint (noise.json) is neither read nor written
+            if secure is not None and phase == NCM:  # the common level; the site's hint (noise.json) is not used
                 sigma = budget.common_noise_multiplier(
                     segments, fixed, fresh_noise_multiplier(policy, segments, fixed, config.noise_multiplier)
                 )
@@ -347,6 +351,11 @@ def _run(
         except BitWidthError as err:
             return RoundResult("refused", str(err), facts)
         main = distributed.mechanism
+    if phase != NCM and secure is not None:
+        try:  # public values only: refused before anything is computed or spent
+            update_scale(plan.nominal, secure)
+        except BitWidthError as err:
+            return RoundResult("refused", str(err), facts)
     note = plan.full_batch_note(phase, experience) if policy.dp else ""
     if note:  # once per process: the site's own log, never the reply
         runtime.data.note_once(note)
@@ -403,6 +412,7 @@ def _run(
             "train-steps": main.steps,
             **private_values,
         },
+        weight=plan.nominal,
     )
 
 

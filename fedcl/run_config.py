@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedcl.secure_adapter import adapter_scale
 from fedcl.secure_ncm import server_bits
 
 PARTITIONS = ("iid", "dirichlet", "group")
@@ -127,7 +128,7 @@ class RunConfig:
     ewc_decay: float = 1.0  # online EWC: weight of the old importances at each new experience
     ewc_importance_batches: int = 10  # Poisson batches of the private importance estimate (ledger steps)
     ewc_importance_noise: float = 0.0  # noise multiplier of that estimate; 0: the calibrated DP-SGD one
-    # --- secure aggregation with distributed noise (ncm class sums so far; README "Secure aggregation")
+    # --- secure aggregation (README "Secure aggregation"): ncm sums with distributed noise, probe/LoRA tensors masked
     secure_aggregation: bool = False  # the server sees only the sum of the sites' releases, each site adds a share
     secagg_min_honest: int = 0  # n_h: sites trusted to add their noise share; 0 = every site (num-sites)
     secagg_max_colluders: int = 0  # c: sites that may collude with the server; a sum needs n_h + c survivors
@@ -388,10 +389,11 @@ def _check_secure_aggregation(config: RunConfig) -> None:
         return
     conflicts = (
         (
-            "recipe",
-            config.recipe,
-            config.chosen_recipe != "ncm",
-            'covers the ncm recipe\'s class sums so far; set recipe = "ncm", or secure-aggregation = false',
+            "strategy",
+            config.strategy,
+            config.chosen_recipe != "ncm" and config.strategy != "fedavg",
+            "sums the sites' tensors, which is FedAvg's mean (with any server-optimizer); exact needs each site's "
+            'factors and ffa the server\'s copy of the seeded A: use strategy = "fedavg", or secure-aggregation = false',
         ),
         (
             "dp",
@@ -436,8 +438,11 @@ def _check_secure_aggregation(config: RunConfig) -> None:
     for key, value, bad, fix in conflicts:
         if bad:
             _fail(key, value, f"secure-aggregation = true {fix}")
-    try:  # the word width both sides compute (fedcl/secure_ncm.py), at the largest noise a site can use
-        server_bits(config.num_sites, config.max_train_examples, config.honest_sites, config.noise_multiplier)
+    try:  # the word width both sides compute (fedcl/secure_ncm.py, fedcl/secure_adapter.py)
+        if config.chosen_recipe == "ncm":  # at the largest noise a site can use
+            server_bits(config.num_sites, config.max_train_examples, config.honest_sites, config.noise_multiplier)
+        else:
+            adapter_scale(config.num_sites, config.max_train_examples)
     except ValueError as err:
         _fail("max-train-examples", config.max_train_examples, f"secure-aggregation = true: {err}")
 

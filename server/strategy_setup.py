@@ -18,10 +18,12 @@ import numpy as np
 
 from fedcl.atomic_files import save_arrays_atomic
 from fedcl.run_config import RunConfig
+from fedcl.secure_adapter import ADAPTER_BITS, adapter_scale
 from fedcl.secure_ncm import server_bits
 from strategies.aggregation import Aggregator
 from strategies.node_sampling import EvaluationSampling
 from strategies.registry import build_aggregator, build_compression
+from strategies.secure_releases import AdapterUpdateRelease, ClassSumRelease, SecureRelease
 from strategies.secure_rounds import SecureRounds
 from strategies.site_strategy import SiteStrategy, aggregator_state, load_aggregator_state
 
@@ -82,9 +84,19 @@ def secure_rounds(config: RunConfig) -> SecureRounds | None:
     """
     if not config.secure_aggregation:
         return None
-    bits = server_bits(config.num_sites, config.max_train_examples, config.honest_sites, config.noise_multiplier)
+    if config.chosen_recipe == "ncm":
+        bits = server_bits(config.num_sites, config.max_train_examples, config.honest_sites, config.noise_multiplier)
+        release: SecureRelease = ClassSumRelease()
+    else:  # probe and LoRA rounds: the sites' weighted tensors (fedcl/secure_adapter.py)
+        bits = ADAPTER_BITS
+        release = AdapterUpdateRelease(adapter_scale(config.num_sites, config.max_train_examples, bits))
     return SecureRounds(
-        config.honest_sites, bits, config.round_timeout, config.secagg_max_colluders, max_sites=config.num_sites
+        config.honest_sites,
+        bits,
+        config.round_timeout,
+        config.secagg_max_colluders,
+        max_sites=config.num_sites,
+        release=release,
     )
 
 

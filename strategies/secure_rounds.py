@@ -1,4 +1,4 @@
-"""The server's side of a secure ncm round: stages 1 and 2 before the train messages, stage 4 after the replies.
+"""The server's side of a secure round: stages 1 and 2 before the train messages, stage 4 after the replies.
 
 :class:`SecureRounds` drives ``fedcl.secure_aggregation.SecureSumServer``
 through Flower's grid (``grid.send_and_receive``, bounded by the round
@@ -8,19 +8,21 @@ timeout), for :class:`~strategies.site_strategy.SiteStrategy`:
    is asked for its public keys (``train.secagg_keys``), then the sites that
    answered for their encrypted shares (``train.secagg_shares``) under the
    threshold ``t = floor(n / 2) + 1`` of the ``n`` that advertised; returns
-   each step-2 site's mask request, which rides in its ncm train message;
+   each step-2 site's mask request, which rides in its train message;
 2. :meth:`SecureRounds.finish` (from ``aggregate_train``): the masked words of
    the sites that replied are collected, the survivors are asked for their
-   shares (``train.secagg_unmask``), the sum is unmasked, centred and
-   dequantised (``fedcl/secure_quantization.py``), and handed on as one
-   class-sum update: the sites' sum, never a site's own.
+   shares (``train.secagg_unmask``), the sum is unmasked and centred, and its
+   release object (``strategies/secure_releases.py``) decodes it into one
+   update: the ncm class sums, or the weighted mean of the probe or LoRA
+   tensors; the sites' sum, never a site's own.
 
 A round continues with the sites left at any stage while at least
 ``max(t, n_h + c)`` remain (``n_h`` = ``secagg-min-honest``, ``c`` =
 ``secagg-max-colluders``, ``t`` the protocol server's threshold); otherwise it
 fails (:class:`SecureRoundError`, also for any request the protocol server
-refuses) and changes nothing. The server never weights the
-sum: no per-site count is asked for or used. numpy only (no torch).
+refuses) and changes nothing. No per-site count is asked for or used (a
+probe or LoRA round's weights travel inside the masked sum). numpy only (no
+torch).
 """
 
 from __future__ import annotations
@@ -35,10 +37,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedcl.protocol import (
-    CLASS_SUMS,
     CONFIG_RECORD,
-    MASKED_SUMS,
-    NOISE_VARIANCE,
     REASON,
     SECAGG_KEYS,
     SECAGG_RECORD,
@@ -49,10 +48,9 @@ from fedcl.protocol import (
     STATUS,
 )
 from fedcl.secure_aggregation import EncryptedShares, PublicKeys, SecureSumServer, UnmaskReply
-from fedcl.secure_ncm import SCALE, threshold
-from fedcl.secure_quantization import dequantize, from_modular
-
-RELEASE = frozenset({MASKED_SUMS, NOISE_VARIANCE})  # what a site's secure ncm reply carries, exactly
+from fedcl.secure_ncm import threshold
+from fedcl.secure_quantization import from_modular
+from strategies.secure_releases import ClassSumRelease, SecureRelease
 
 
 class SecureRoundError(ValueError):
@@ -78,9 +76,18 @@ class SecureRounds:
     """
 
     def __init__(
-        self, honest_sites: int, bits: int, timeout: float, colluders: int = 0, max_sites: int | None = None
+        self,
+        honest_sites: int,
+        bits: int,
+        timeout: float,
+        colluders: int = 0,
+        max_sites: int | None = None,
+        release: SecureRelease | None = None,
     ) -> None:
         """``bits``: the word width for a round of at most ``max_sites`` sites (None: no cap on the nodes asked).
+
+        ``release``: what the masked replies hold (``strategies/secure_releases.py``;
+        default the ncm class sums).
 
         A round asks at most ``max_sites`` nodes (the lowest ids) for keys, so
         the sum never holds more releases than ``bits`` was computed for
@@ -96,6 +103,7 @@ class SecureRounds:
         self.colluders = int(colluders)
         self.max_sites = None if max_sites is None else int(max_sites)
         self.sessions: dict[int, SecureSession] = {}
+        self.release: SecureRelease = release or ClassSumRelease()
 
     @property
     def survivors_needed(self) -> int:
@@ -166,44 +174,31 @@ class SecureRounds:
     def finish(
         self, grid: Grid, server_round: int, releases: Mapping[int, Mapping[str, np.ndarray]], entries: Mapping
     ) -> dict[str, np.ndarray]:
-        """Stage 4: the dequantised class sums of the sites whose ``releases`` arrived, and their noise variances.
+        """Stage 4: the update the sum of the sites whose ``releases`` arrived decodes to (:attr:`release`).
 
-        ``releases``: node -> the arrays of its trained reply (``masked-sums``
-        int64 ``[classes, dim]``, ``noise-variance``). Raises
-        :class:`SecureRoundError` when fewer than ``max(t, n_h + c)`` sites are
-        left, or the sum cannot be unmasked.
+        ``releases``: node -> the arrays of its trained reply (the ncm
+        release's ``masked-sums`` and ``noise-variance``, or a probe or LoRA
+        round's masked words); a malformed one, or one of another layout
+        than the first, is left out. Raises :class:`SecureRoundError` when
+        fewer than ``max(t, n_h + c)`` sites are left, or the sum cannot be
+        unmasked.
         """
         session = self.sessions.pop(server_round, None)
         if session is None or session.server is None:
             raise SecureRoundError(session.failure if session else "the round's key stages did not run")
-        server, shape, variances = session.server, None, {}
+        server, layout, accepted = session.server, None, {}
         for node, arrays in sorted(releases.items()):
-            masked = np.asarray(arrays.get(MASKED_SUMS))
-            variance = np.asarray(arrays.get(NOISE_VARIANCE), dtype=np.float64)
-            if (
-                set(arrays) != RELEASE
-                or masked.dtype != np.int64
-                or masked.ndim != 2
-                or variance.shape != (len(masked),)
-            ):
-                log(
-                    WARNING,
-                    "round %s: secure aggregation: node %s sent a malformed release; left out",
-                    server_round,
-                    node,
-                )
-                continue
-            if shape is not None and masked.shape != shape:
-                log(WARNING, "round %s: secure aggregation: node %s sent another shape; left out", server_round, node)
-                continue
             try:
-                server.add_masked_vector(node, masked.reshape(-1))
+                found = self.release.layout(arrays)
+                if layout is not None and found != layout:
+                    raise ValueError("its layout differs from the other sites'")
+                server.add_masked_vector(node, self.release.words(arrays, found))
             except ValueError as err:
-                log(WARNING, "round %s: secure aggregation: node %s's words refused: %s", server_round, node, err)
+                log(WARNING, "round %s: secure aggregation: node %s's release left out: %s", server_round, node, err)
                 continue
-            shape, variances[node] = masked.shape, variance
+            layout, accepted[node] = found, arrays
         needed = self.required(server)
-        if len(server.masked) < needed or shape is None:
+        if len(server.masked) < needed or layout is None:
             raise SecureRoundError(f"{len(server.masked)} masked releases arrived, the round needs {needed}")
         try:
             request = server.unmask_request().to_dict()
@@ -213,12 +208,13 @@ class SecureRounds:
         replies = {node: UnmaskReply.from_dict(a) for node, a in answers.items() if _parses(a, "unmask")}
         try:
             total = server.unmask(replies)
+            update = self.release.decode(
+                from_modular(total, server.bits), layout, {node: accepted[node] for node in server.survivors}
+            )
         except ValueError as err:
             raise SecureRoundError(f"the sum could not be unmasked ({len(replies)} share replies): {err}") from None
-        sums = dequantize(from_modular(total, server.bits), SCALE).reshape(shape)
-        variance = np.sum([variances[node] for node in server.survivors], axis=0)
         log(INFO, "round %s: secure aggregation: the sum of %d sites unmasked", server_round, len(server.survivors))
-        return {CLASS_SUMS: sums, NOISE_VARIANCE: variance}
+        return update
 
     def _failed(self, session: SecureSession, reason: str) -> SecureSession:
         session.failure = (

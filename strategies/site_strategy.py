@@ -21,11 +21,12 @@ hooks:
   (:attr:`SiteStrategy.current`, the one the strategy sends) stays as it was.
   A round whose every update is rejected keeps the model too, without failing.
 
-Secure aggregation (``secure``, the ncm recipe): ``configure_train`` first
+Secure aggregation (``secure``): ``configure_train`` first
 runs the protocol's key stages and sends each step-2 site its mask request
 with the train message; ``aggregate_train`` unmasks the sum of the masked
-releases that arrived and hands the aggregator that one sum
-(``strategies/secure_rounds.py``); a round that cannot unmask fails.
+releases that arrived and hands the aggregator the one update it decodes to
+(the ncm class sums, or the sites' weighted mean tensors:
+``strategies/secure_rounds.py``); a round that cannot unmask fails.
 
 Every reply (trained, skipped, refused, failed, missing, or rejected with the
 reason) is kept per round for the run report. ``start(..., first_round=k+1)``
@@ -174,7 +175,7 @@ class SiteStrategy(Strategy):
         self.evaluation_sampling = evaluation_sampling or EvaluationSampling()
         self.not_asked: dict[int, set[int]] = {}  # round -> connected nodes the sample left out of evaluation
         self.server_seconds: dict[int, float] = {}  # round -> the server's own work (messages, aggregation), not waits
-        self.secure = secure  # secure aggregation of the ncm release (strategies/secure_rounds.py), or None
+        self.secure = secure  # secure aggregation (strategies/secure_rounds.py), or None
         self.secure_dropped: dict[int, dict[int, str]] = {}  # round -> node -> why it left in the key stages
 
     # --- the loop --------------------------------------------------------------------------------------------
@@ -379,7 +380,7 @@ class SiteStrategy(Strategy):
         except SecureRoundError as err:
             self._fail(server_round, "training", records, f"secure aggregation: {err}")
             return None, None
-        self.current = self.aggregator.aggregate(self.current, [SiteUpdate("secure-sum", total, 0)])
+        self.current = self.aggregator.aggregate(self.current, [SiteUpdate("secure-sum", total, 1)])
         self.round_diagnostics[server_round] = {"rejected": 0}
         self.updated_rounds.add(server_round)
         return to_record(self.current), MetricRecord({"sites-trained": len(pending), "sites-rejected": 0})

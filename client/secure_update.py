@@ -1,0 +1,82 @@
+"""A probe or LoRA round's reply under secure aggregation: the trained tensors, weighted, rounded and masked.
+
+The round itself is the plain one (``client/site_round.py``): the same
+DP-SGD mechanism at the site's own noise level, priced and recorded the same
+way. Only the reply changes: instead of its tensors ``theta`` the site sends
+the masked words of ``round(S * w * theta)`` and of its weight ``w`` (its
+public nominal size), laid out as ``fedcl/secure_adapter.py`` says, so the
+server learns only the weighted sum of the sites that finished.
+
+Every coordinate is clamped to ``fedcl.secure_adapter.VALUE_BOUND`` first
+(post-processing of the DP-SGD output; the site's log says when, its reply
+does not); the rounding is randomised with a fresh unseeded generator
+(unbiased; its randomness is not a privacy mechanism and needs no seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from logging import WARNING
+
+import numpy as np
+from flwr.common.logger import log
+
+from client.secure_release import BITS_TOO_NARROW, BitWidthError, SecureRound
+from fedcl.secure_adapter import VALUE_BOUND, adapter_scale, split_words, update_layout
+from fedcl.secure_ncm import records_bound
+from fedcl.secure_quantization import to_modular
+
+WEIGHT_TOO_LARGE = (
+    "the site's nominal size is above the run's max-train-examples, the per-site bound the word width is computed "
+    "for: the sum could wrap round, so the site takes no part (raise max-train-examples or lower nominal-records)"
+)
+
+
+def weighted_words(arrays: Mapping[str, np.ndarray], weight: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """The unmasked int64 words: ``round(scale * weight * theta)`` per coordinate (sorted names), then ``weight``.
+
+    ``theta`` is clamped to ``[-VALUE_BOUND, VALUE_BOUND]``; the rounding is
+    randomised: ``floor(x) + Bernoulli(x - floor(x))``, so its mean is ``x``.
+    """
+    layout = update_layout(arrays)
+    flat = np.concatenate([np.asarray(arrays[name], dtype=np.float64).reshape(-1) for name, _ in layout])
+    clamped = np.clip(flat, -VALUE_BOUND, VALUE_BOUND)
+    outside = int(np.count_nonzero(clamped != flat))
+    if outside:  # the site's own log only: the count is derived from its update
+        log(WARNING, "fedcl: secure aggregation: %d coordinates clamped to +-%g before masking", outside, VALUE_BOUND)
+    scaled = clamped * (float(scale) * int(weight))
+    low = np.floor(scaled)
+    words = low.astype(np.int64) + (rng.random(len(scaled)) < scaled - low)
+    return np.concatenate([words, np.array([int(weight)], dtype=np.int64)])
+
+
+def update_scale(weight: int, secure: SecureRound) -> float:
+    """The words' scale for this site and round; :class:`BitWidthError` (fixed public reason) if they could wrap.
+
+    Public values only (the weight is the site's nominal size): run it before
+    anything is computed or spent.
+    """
+    if not 1 <= int(weight) <= records_bound(secure.max_train_examples):
+        raise BitWidthError(WEIGHT_TOO_LARGE)
+    try:
+        return adapter_scale(secure.num_sites, secure.max_train_examples, secure.bits)
+    except ValueError:
+        raise BitWidthError(BITS_TOO_NARROW) from None
+
+
+def masked_update(
+    arrays: Mapping[str, np.ndarray], weight: int, secure: SecureRound, rng: np.random.Generator | None = None
+) -> dict[str, np.ndarray]:
+    """The reply of a secure probe or LoRA round: ``{name: masked int64 words}`` plus the masked weight word.
+
+    ``arrays``: the tensors a plain reply would carry; ``weight``: the site's
+    public nominal size. The scale comes from public values only
+    (``adapter_scale(secure.num_sites, secure.max_train_examples,
+    secure.bits)``). Raises :class:`~client.secure_release.BitWidthError`
+    (a fixed public reason) when the words could wrap: too narrow a width for
+    the run, or a weight above the declared per-site bound.
+    """
+    scale = update_scale(weight, secure)
+    words = weighted_words(arrays, weight, scale, rng or np.random.default_rng())
+    masked = np.asarray(secure.mask(to_modular(words, secure.bits)), dtype=np.int64)
+    return split_words(masked, update_layout(arrays))
