@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from fake_grid import ScriptedGrid
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from secure_helpers import NODES, RecordingGrid, site_answers
 from site_helpers import forget_process_state, site_context
 
 from client.distributed_noise import gaussian_equivalent_steps
@@ -39,7 +40,6 @@ from fedcl.secure_quantization import from_modular
 from simulations.run import pyproject_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
-NODES = (11, 12, 13)
 
 
 def flat_config(model_dir, **keys) -> dict:
@@ -55,19 +55,6 @@ def flat_config(model_dir, **keys) -> dict:
         "secure-aggregation": True,
         **keys,
     }
-
-
-class RecordingGrid(ScriptedGrid):
-    """A scripted grid that keeps every reply the server received (the server's whole view)."""
-
-    def __init__(self, answers, connected=None) -> None:
-        super().__init__(answers, connected)
-        self.received: list[Message] = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = super().send_and_receive(messages, timeout=timeout)
-        self.received.extend(replies)
-        return replies
 
 
 class Captured:
@@ -98,36 +85,6 @@ class Captured:
 
         monkeypatch.setattr(secure_release, "quantize_records", quantize)
         monkeypatch.setattr(phases, "secure_class_sums", class_sums)
-
-
-def site_answers(flat, tmp_path, captured: Captured | None = None, drop_train: int | None = None, **policy):
-    """Per node, an answer that runs the ClientApp's own handler for the message's type."""
-    from client.app import evaluate_global, secagg_keys, secagg_shares, secagg_unmask, train
-
-    handlers = {
-        MessageType.TRAIN: train,
-        MessageType.EVALUATE: evaluate_global,
-        f"{MessageType.TRAIN}.secagg_keys": secagg_keys,
-        f"{MessageType.TRAIN}.secagg_shares": secagg_shares,
-        f"{MessageType.TRAIN}.secagg_unmask": secagg_unmask,
-    }
-    contexts = {
-        node: site_context(flat, tmp_path / f"site-{i}", partition=i, node_id=node, **policy)
-        for i, node in enumerate(NODES)
-    }
-
-    def answer_for(node):
-        def answer(message):
-            if captured is not None:
-                captured.node = node
-            reply = handlers[message.metadata.message_type](message, contexts[node])
-            if drop_train == node and message.metadata.message_type == MessageType.TRAIN:
-                return None  # it masked and spent, but its words never arrive
-            return reply
-
-        return answer
-
-    return {node: answer_for(node) for node in NODES}, contexts
 
 
 def run_one_round(flat, grid, rounds=(1,)):
