@@ -102,7 +102,9 @@ def join_words(words: Mapping[str, np.ndarray], layout: Sequence[tuple[str, tupl
     return np.concatenate([*parts, weight]).astype(np.int64)
 
 
-def weighted_mean(total: np.ndarray, layout: Sequence[tuple[str, tuple[int, ...]]], scale: float) -> dict[str, np.ndarray]:
+def weighted_mean(
+    total: np.ndarray, layout: Sequence[tuple[str, tuple[int, ...]]], scale: float
+) -> dict[str, np.ndarray]:
     """The sites' example-weighted mean tensors (float32) from the unmasked, centred integer sum ``total``.
 
     Raises ValueError when the weight word's sum is not positive (the sum

@@ -69,7 +69,9 @@ class ClassSumRelease:
     ) -> Arrays:
         """The class sums (dequantised) and the survivors' summed noise variances, as one class-sum update."""
         sums = dequantize(np.asarray(total, dtype=np.int64), SCALE).reshape(layout)
-        variance = np.sum([np.asarray(arrays[NOISE_VARIANCE], dtype=np.float64) for arrays in survivors.values()], axis=0)
+        variance = np.sum(
+            [np.asarray(arrays[NOISE_VARIANCE], dtype=np.float64) for arrays in survivors.values()], axis=0
+        )
         return {CLASS_SUMS: sums, NOISE_VARIANCE: variance}
 
 

@@ -283,7 +283,7 @@ def test_ncm_releases_cost_one_release_per_record_and_are_summed_by_the_server(t
 
 
 def test_reply_keys_under_dp_are_the_allow_list_for_stream_replay_and_ewc_rounds(tiny_model_dir, tmp_path):
-    from client.app import reply_metrics
+    from client.site_handlers import reply_metrics
 
     flat = flat_config(tiny_model_dir, **{"replay-size": 6, "ewc-lambda": 5.0, "noise-multiplier": 0.0})
     runtime = runtime_of(flat)

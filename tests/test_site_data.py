@@ -131,7 +131,8 @@ def test_a_site_with_a_bad_file_trains_nothing_spends_nothing_and_tells_the_serv
     tiny_model_dir, tmp_path, bad, task_identity
 ):
     """Through the ClientApp: the reply is a refusal whose reason names no label or file; no state is written."""
-    from client.app import DATA_ERROR, train
+    from client.app import train
+    from client.site_replies import DATA_ERROR
 
     rows = site_rows(["cardio", "derm"])
     if bad == "label":
@@ -167,11 +168,12 @@ def test_an_unexpected_error_before_the_round_sends_a_fixed_reason_not_its_text(
 ):
     """Any exception while the site reads its files stays in its log: Flower would send its text to the server."""
     import client.app as site_app
+    import client.site_handlers as site_handlers
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("record 17 reads 'patient Jane Doe'")
 
-    monkeypatch.setattr(site_app, "site_runtime", broken)
+    monkeypatch.setattr(site_handlers, "site_runtime", broken)
     path = write_csv(tmp_path / "site" / "records.csv", site_rows(["cardio", "derm"]))
     context = Context(
         run_id=1,
