@@ -92,7 +92,8 @@ class RunReport:
                         "train_seconds": t.metrics.get("train-seconds"),
                         "bytes_up": t.bytes_up,
                         "bytes_down": (bytes_down_train if sent else 0)
-                        + (bytes_down_eval if e is not None and e.status != "missing" else 0),
+                        + (bytes_down_eval if e is not None and e.status != "missing" else 0)
+                        + t.protocol_bytes_down,
                     }
                 )
                 row.update(

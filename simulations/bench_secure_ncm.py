@@ -26,7 +26,9 @@ for 3, 10 and 30 sites on one release of the CLINC150 size (150 classes x 385 co
 Usage: ``python -m simulations.bench_secure_ncm [--scenarios ...] [--seeds 3] [--out runs/bench_secure_ncm.json]``;
 ``--flower 3 10 30`` instead runs the release round through Flower's simulation engine, secure and plain, for those
 numbers of sites (BBC, 20 train records a site), and reports its seconds and bytes; ``--deployment 3`` runs the
-release rounds in the deployment path (``fedcl poc``: TLS, authenticated SuperNodes), plain and secure.
+release rounds in the deployment path (``fedcl poc``: TLS, authenticated SuperNodes), plain and secure. With
+``--recipe probe-then-lora`` both measure probe and LoRA rounds instead (their tensors masked, the DP-SGD noise each
+site's own).
 Prints Markdown tables and writes JSON. Features come from ``bench_private_heads``' cache (/tmp/heads/features).
 """
 
@@ -270,13 +272,20 @@ def protocol_costs(site_counts: list[int], classes: int = 150, dim: int = 385) -
     return out
 
 
-def flower_rounds(site_counts: list[int], out_root: Path) -> list[dict[str, Any]]:
-    """The ncm release round through Flower's simulation engine, secure and plain, for each number of sites.
+RECIPE_ROUNDS = {  # the rounds each recipe's Flower rows run: 2 of each, so round 2 is one without model loading
+    "ncm": {"recipe": "ncm", "stream": "class-incremental", "num-experiences": 2},
+    "probe-then-lora": {"recipe": "probe-then-lora", "probe-rounds": 2, "num-rounds": 1},
+}
+
+
+def flower_rounds(site_counts: list[int], out_root: Path, recipe: str = "ncm") -> list[dict[str, Any]]:
+    """Rounds of ``recipe`` through Flower's simulation engine, secure and plain, for each number of sites.
 
     One fresh run per row (``simulations.run.fresh_run``) of the default BBC data, IID, 20 train and 10 test records
-    a site, ``max-length`` 32, a class-incremental stream of 2 experiences (2 release rounds), one CPU per worker:
-    the second release round's seconds (the first also loads the model and embeds) and the server's own part (its
-    round line), the bytes up and down (summary.json, both rounds), the accuracy. Secure rows use the defaults ``secagg-min-honest`` =
+    a site, ``max-length`` 32, one CPU per worker. ``ncm``: a class-incremental stream of 2 experiences (2 release
+    rounds); ``probe-then-lora``: 2 probe rounds and 1 LoRA round. Reported: round 2's seconds (round 1 also loads
+    the model and embeds) and the server's own part (its round line), the bytes up and down (summary.json, every
+    round: arrays plus the protocol's records), the accuracy. Secure rows use the defaults ``secagg-min-honest`` =
     every site and ``secagg-max-colluders`` = 0.
     """
     from simulations.bench_scale import round_seconds
@@ -286,20 +295,20 @@ def flower_rounds(site_counts: list[int], out_root: Path) -> list[dict[str, Any]
     for n in site_counts:
         for secure in (False, True):
             overrides = {
-                "recipe": "ncm",
+                **RECIPE_ROUNDS[recipe],
                 "num-sites": n,
                 "partition": "iid",
                 "max-length": 32,
                 "max-train-examples": 20,
                 "max-test-examples": 10,
-                "stream": "class-incremental",
-                "num-experiences": 2,
                 "secure-aggregation": secure,
             }
-            run = fresh_run(overrides, out_root / f"{'secure' if secure else 'plain'}-{n}", cpus_per_site=1)
+            name = f"{recipe}-{'secure' if secure else 'plain'}-{n}"
+            run = fresh_run(overrides, out_root / name, cpus_per_site=1)
             rounds, server = round_seconds(run.run_dir)
             out.append(
                 {
+                    "recipe": recipe,
                     "sites": n,
                     "secure": secure,
                     "accuracy": run.summary.get("accuracy"),
@@ -318,7 +327,7 @@ def flower_rounds(site_counts: list[int], out_root: Path) -> list[dict[str, Any]
 MEDQUAD = Path("../shared/data/medquad/medquad.csv")
 
 
-def deployment_rounds(sites: int, out_root: Path, records: int = 40) -> list[dict[str, Any]]:
+def deployment_rounds(sites: int, out_root: Path, records: int = 40, recipe: str = "ncm") -> list[dict[str, Any]]:
     """The ncm release rounds in the deployment path (``fedcl poc``: TLS, authenticated SuperNodes), plain and secure.
 
     MedQuAD answers -> question type, ``records`` per site (the file split among ``sites``), ``max-length`` 32, a
@@ -335,10 +344,10 @@ def deployment_rounds(sites: int, out_root: Path, records: int = 40) -> list[dic
         plan = PocPlan(
             sites=sites,
             data=[MEDQUAD.resolve()],
-            workdir=out_root / f"deployment-{'secure' if secure else 'plain'}-{sites}",
+            workdir=out_root / f"deployment-{recipe}-{'secure' if secure else 'plain'}-{sites}",
             run_config=(
-                "recipe='ncm' max-length=32 stream='class-incremental' num-experiences=2 "
-                f"secure-aggregation={'true' if secure else 'false'}"
+                " ".join(f"{key}={value!r}" for key, value in RECIPE_ROUNDS[recipe].items())
+                + f" max-length=32 secure-aggregation={'true' if secure else 'false'}"
             ),
             text_column="answer",
             label_column="qtype",
@@ -366,12 +375,12 @@ def deployment_rounds(sites: int, out_root: Path, records: int = 40) -> list[dic
 def flower_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: the release round through Flower, secure against plain."""
     lines = [
-        "| sites | mode | accuracy | round 1 s | round 2 (release) s | server s, round 2 | wall s | MB up | MB down |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | sites | mode | accuracy | round 1 s | round 2 s | server s, round 2 | wall s | MB up | MB down |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['sites']} | {'secure' if r['secure'] else 'plain'} | {r['accuracy']:.3f} | "
+            f"| {r.get('recipe', 'ncm')} | {r['sites']} | {'secure' if r['secure'] else 'plain'} | {r['accuracy']:.3f} | "
             f"{r['first_round_seconds']:.1f} | {r['release_round_seconds']:.1f} | {r['server_seconds'] or 0:.2f} | "
             f"{r['wall_seconds']:.0f} | "
             f"{r['bytes_up'] / 1e6:.2f} | {r['bytes_down'] / 1e6:.2f} |"
@@ -418,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: the release round through Flower's simulation engine for these numbers of sites",
     )
     parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPE_ROUNDS),
+        default="ncm",
+        help="with --flower or --deployment: the recipe whose rounds are measured",
+    )
+    parser.add_argument(
         "--deployment",
         type=int,
         default=0,
@@ -425,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.deployment:
-        rows_pilot = deployment_rounds(args.deployment, Path(args.out).parent / "bench_secure_ncm")
+        rows_pilot = deployment_rounds(args.deployment, Path(args.out).parent / "bench_secure_ncm", recipe=args.recipe)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"deployment": rows_pilot}, indent=1, default=float), encoding="utf-8")
         for r in rows_pilot:
@@ -434,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['sites']} | {kind} | {r['accuracy']:.3f} | {rounds} | {r['run_seconds']:.0f} |")
         return 0
     if args.flower:
-        rows_flower = flower_rounds(args.flower, Path(args.out).parent / "bench_secure_ncm")
+        rows_flower = flower_rounds(args.flower, Path(args.out).parent / "bench_secure_ncm", recipe=args.recipe)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"flower": rows_flower}, indent=1, default=float), encoding="utf-8")
         print(flower_table(rows_flower))

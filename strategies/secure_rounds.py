@@ -104,6 +104,7 @@ class SecureRounds:
         self.max_sites = None if max_sites is None else int(max_sites)
         self.sessions: dict[int, SecureSession] = {}
         self.release: SecureRelease = release or ClassSumRelease()
+        self.exchanged: dict[int, dict[int, list[int]]] = {}  # round -> node -> [bytes down, bytes up] (protocol)
 
     @property
     def survivors_needed(self) -> int:
@@ -216,6 +217,16 @@ class SecureRounds:
         log(INFO, "round %s: secure aggregation: the sum of %d sites unmasked", server_round, len(server.survivors))
         return update
 
+    def count_bytes(self, server_round: int, node: int, down: int = 0, up: int = 0) -> None:
+        """Add a protocol record's bytes (ConfigRecord.count_bytes: keys, shares, requests) to ``node``'s tally."""
+        tally = self.exchanged.setdefault(server_round, {}).setdefault(int(node), [0, 0])
+        tally[0] += int(down)
+        tally[1] += int(up)
+
+    def exchanged_bytes(self, server_round: int) -> dict[int, tuple[int, int]]:
+        """node -> (bytes down, bytes up) of the round's protocol records so far; forgets the round."""
+        return {node: (down, up) for node, (down, up) in self.exchanged.pop(server_round, {}).items()}
+
     def _failed(self, session: SecureSession, reason: str) -> SecureSession:
         session.failure = (
             f"secure aggregation: {reason} (max(threshold, secagg-min-honest + secagg-max-colluders = "
@@ -226,20 +237,23 @@ class SecureRounds:
 
     def _ask(self, grid: Grid, server_round: int, nodes: list[int], action: str, request, entries: Mapping, session):
         """Send ``action`` to ``nodes``; node -> its answer's SECAGG record for the sites that answered in time."""
-        messages = [
-            Message(
-                content=RecordDict(
-                    {
-                        CONFIG_RECORD: ConfigRecord({**dict(entries), SERVER_ROUND: server_round}),
-                        SECAGG_RECORD: ConfigRecord(request(node)),
-                    }
-                ),
-                message_type=f"{MessageType.TRAIN}.{action}",
-                dst_node_id=node,
-                ttl=self.timeout,
+        messages = []
+        for node in nodes:
+            asked = ConfigRecord(request(node))
+            self.count_bytes(server_round, node, down=record_bytes(asked))
+            messages.append(
+                Message(
+                    content=RecordDict(
+                        {
+                            CONFIG_RECORD: ConfigRecord({**dict(entries), SERVER_ROUND: server_round}),
+                            SECAGG_RECORD: asked,
+                        }
+                    ),
+                    message_type=f"{MessageType.TRAIN}.{action}",
+                    dst_node_id=node,
+                    ttl=self.timeout,
+                )
             )
-            for node in nodes
-        ]
         answers: dict[int, dict] = {}
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             node = int(reply.metadata.src_node_id)
@@ -248,7 +262,9 @@ class SecureRounds:
             else:
                 info = dict(reply.content.config_records.get(SITE_RECORD, ConfigRecord()))
                 if info.get(STATUS) == "answered" and SECAGG_RECORD in reply.content.config_records:
-                    answers[node] = dict(reply.content.config_records[SECAGG_RECORD])
+                    answer = reply.content.config_records[SECAGG_RECORD]
+                    self.count_bytes(server_round, node, up=record_bytes(answer))
+                    answers[node] = dict(answer)
                     continue
                 reason = str(info.get(REASON, "")) or "no answer"
             log(WARNING, "round %s: secure aggregation %s: node %s left: %s", server_round, action, node, reason)
@@ -258,6 +274,25 @@ class SecureRounds:
             if session is not None:
                 session.dropped.setdefault(node, f"no {action} answer within the round timeout")
         return answers
+
+
+def record_bytes(record: Mapping) -> int:
+    """The bytes of a ConfigRecord's keys and values, counted as ``ConfigRecord.count_bytes`` counts them.
+
+    Our own copy of the rule because Flower 1.42's ``count_bytes`` raises on
+    an empty list or an empty string (an unmask request with no dropped site
+    holds one): a key counts its length, a str or bytes value its length (0
+    when empty), a bool 1, an int or float 8, a list the sum of its items.
+    """
+
+    def value_bytes(value) -> int:
+        if isinstance(value, list):
+            return sum(value_bytes(item) for item in value)
+        if isinstance(value, str | bytes):
+            return len(value)
+        return 1 if isinstance(value, bool) else 8
+
+    return sum(len(key) + value_bytes(value) for key, value in record.items())
 
 
 def _parses(answer: Mapping, kind: str) -> bool:

@@ -65,7 +65,7 @@ from fedcl.protocol import (
 from strategies.aggregation import Aggregator, Arrays, SiteUpdate
 from strategies.compression import Compression
 from strategies.node_sampling import EvaluationSampling, wait_for_nodes
-from strategies.secure_rounds import SecureRoundError, SecureRounds
+from strategies.secure_rounds import SecureRoundError, SecureRounds, record_bytes
 from strategies.site_identity import SiteIdentities
 from strategies.wire import WireFormat
 
@@ -91,7 +91,8 @@ class SiteReply:
     status: str
     reason: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
-    bytes_up: int = 0
+    bytes_up: int = 0  # arrays, plus the secure-aggregation records the site sent
+    protocol_bytes_down: int = 0  # the secure-aggregation records sent to the site (keys, requests)
     info: dict[str, Any] = field(default_factory=dict)
     node: int | None = None
 
@@ -251,8 +252,10 @@ class SiteStrategy(Strategy):
         self.secure_dropped[server_round] = dict(session.dropped)
         messages = self._messages(server_round, "train", sorted(session.requests), entries)
         for message in messages:  # each step-2 site's own mask request rides in its train message
-            request = session.requests[int(message.metadata.dst_node_id)]
-            message.content = RecordDict({**dict(message.content), SECAGG_RECORD: ConfigRecord(request)})
+            node = int(message.metadata.dst_node_id)
+            request = ConfigRecord(session.requests[node])
+            self.secure.count_bytes(server_round, node, down=record_bytes(request))
+            message.content = RecordDict({**dict(message.content), SECAGG_RECORD: request})
         return messages
 
     def configure_evaluate(
@@ -313,7 +316,14 @@ class SiteStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the accepted updates if the round has enough usable replies; record every reply."""
         with self._server_work(self.true_round(server_round)):
-            return self._aggregate_train(self.true_round(server_round), replies)
+            aggregated = self._aggregate_train(self.true_round(server_round), replies)
+        if self.secure is not None:  # the protocol's records, counted with each site's arrays
+            exchanged = self.secure.exchanged_bytes(self.true_round(server_round))
+            for reply in self.train_replies.get(self.true_round(server_round), []):
+                down, up = exchanged.get(reply.node, (0, 0)) if reply.node is not None else (0, 0)
+                reply.bytes_up += up
+                reply.protocol_bytes_down = down
+        return aggregated
 
     def _aggregate_train(
         self, server_round: int, replies: Iterable[Message]

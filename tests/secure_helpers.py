@@ -14,7 +14,7 @@ NODES = (11, 12, 13)
 
 
 class RecordingGrid(ScriptedGrid):
-    """A scripted grid that keeps every reply the server received (the server's whole view)."""
+    """A scripted grid that keeps every reply the server received (the server's whole view), as well as ``sent``."""
 
     def __init__(self, answers, connected=None) -> None:
         super().__init__(answers, connected)

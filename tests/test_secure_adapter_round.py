@@ -19,7 +19,7 @@ from secure_helpers import NODES, RecordingGrid, site_answers
 from site_helpers import forget_process_state
 
 from client.privacy_ledger import PrivacyLedger
-from fedcl.protocol import METRICS_RECORD
+from fedcl.protocol import METRICS_RECORD, SECAGG_RECORD
 from fedcl.run_config import parse_run_config
 from fedcl.secure_adapter import UPDATE_WEIGHT, VALUE_BOUND, adapter_scale
 from simulations.run import pyproject_defaults
@@ -118,6 +118,28 @@ def test_the_server_unmasks_the_example_weighted_mean_of_the_sites_tensors_and_s
         assert weight not in NOMINAL.values()  # masked too
         for words in captured.words.values():
             assert not np.array_equal(np.sort(flat_words), np.sort(words))
+
+    # The run's byte counts hold the protocol's records too: summed here from what crossed the grid, per node, by
+    # Flower's own ConfigRecord.count_bytes (which raises on an empty list: such an entry counts its key only).
+    def flower_bytes(record) -> int:
+        empty = [key for key, value in record.items() if value == [] or value in ("", b"")]
+        return ConfigRecord({k: v for k, v in record.items() if k not in empty}).count_bytes() + sum(map(len, empty))
+
+    for reply in strategy.train_replies[1]:
+        own = [m for m in grid.received if int(m.metadata.src_node_id) == reply.node]
+        arrays = sum(record.count_bytes() for m in own for record in m.content.array_records.values())
+        protocol = sum(
+            flower_bytes(m.content.config_records[SECAGG_RECORD])
+            for m in own
+            if SECAGG_RECORD in m.content.config_records
+        )
+        down = sum(
+            flower_bytes(m.content.config_records[SECAGG_RECORD])
+            for m in grid.sent
+            if int(m.metadata.dst_node_id) == reply.node and SECAGG_RECORD in m.content.config_records
+        )
+        assert (reply.bytes_up, reply.protocol_bytes_down) == (arrays + protocol, down)
+        assert arrays > 0 and protocol > 0 and down > 0
 
     # The aggregate: numpy's weighted mean of what each site would have sent in the clear, to the rounding's error.
     reference = weighted_reference(captured, NODES)
