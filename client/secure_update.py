@@ -1,11 +1,14 @@
-"""A probe or LoRA round's reply under secure aggregation: the trained tensors, weighted, rounded and masked.
+"""A probe or LoRA round's reply under secure aggregation: the change of its tensors, weighted, rounded and masked.
 
 The round itself is the plain one (``client/site_round.py``): the same
 DP-SGD mechanism at the site's own noise level, priced and recorded the same
 way. Only the reply changes: instead of its tensors ``theta`` the site sends
-the masked words of ``round(S * w * theta)`` and of its weight ``w`` (its
-public nominal size), laid out as ``fedcl/secure_adapter.py`` says, so the
-server learns only the weighted sum of the sites that finished.
+the masked words of ``round(S * w * (theta - theta_global))`` and of its
+weight ``w`` (its public nominal size), laid out as
+``fedcl/secure_adapter.py`` says, so the server learns only the weighted sum
+of the changes of the sites that finished. A secure run's every train
+message carries the global tensors (the server starts from the seeded ones);
+a site whose message carries none refuses before it trains.
 
 Every coordinate is clamped to ``fedcl.secure_adapter.VALUE_BOUND`` first
 (post-processing of the DP-SGD output; the site's log says when, its reply
@@ -26,16 +29,24 @@ from fedcl.secure_adapter import VALUE_BOUND, adapter_scale, split_words, update
 from fedcl.secure_ncm import records_bound
 from fedcl.secure_quantization import to_modular
 
+NO_GLOBAL_TENSORS = (
+    "the train message carries no global tensors: under secure aggregation a site sends the change of its tensors "
+    "from the message's, so it takes no part (the server of a secure run sends the seeded tensors from round 1)"
+)
 WEIGHT_TOO_LARGE = (
     "the site's nominal size is above the run's max-train-examples, the per-site bound the word width is computed "
     "for: the sum could wrap round, so the site takes no part (raise max-train-examples or lower nominal-records)"
 )
 
 
-def weighted_words(arrays: Mapping[str, np.ndarray], weight: int, scale: float, rng: np.random.Generator) -> np.ndarray:
-    """The unmasked int64 words: ``round(scale * weight * theta)`` per coordinate (sorted names), then ``weight``.
+class SecureUpdateError(ValueError):
+    """A secure probe or LoRA round the site cannot answer; ``str(error)`` is a fixed public reason."""
 
-    ``theta`` is clamped to ``[-VALUE_BOUND, VALUE_BOUND]``; the rounding is
+
+def weighted_words(arrays: Mapping[str, np.ndarray], weight: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """The unmasked int64 words: ``round(scale * weight * x)`` per coordinate (sorted names), then ``weight``.
+
+    ``x`` (the change of each tensor) is clamped to ``[-VALUE_BOUND, VALUE_BOUND]``; the rounding is
     randomised: ``floor(x) + Bernoulli(x - floor(x))``, so its mean is ``x``.
     """
     layout = update_layout(arrays)
@@ -64,19 +75,36 @@ def update_scale(weight: int, secure: SecureRound) -> float:
         raise BitWidthError(BITS_TOO_NARROW) from None
 
 
+def check_global_tensors(received: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`SecureUpdateError` (fixed public reason) when the message carried no global tensors.
+
+    Run it before training: the reply is the change from the received tensors.
+    """
+    if not received:
+        raise SecureUpdateError(NO_GLOBAL_TENSORS)
+
+
 def masked_update(
-    arrays: Mapping[str, np.ndarray], weight: int, secure: SecureRound, rng: np.random.Generator | None = None
+    trained: Mapping[str, np.ndarray],
+    received: Mapping[str, np.ndarray],
+    weight: int,
+    secure: SecureRound,
+    rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """The reply of a secure probe or LoRA round: ``{name: masked int64 words}`` plus the masked weight word.
 
-    ``arrays``: the tensors a plain reply would carry; ``weight``: the site's
-    public nominal size. The scale comes from public values only
-    (``adapter_scale(secure.num_sites, secure.max_train_examples,
-    secure.bits)``). Raises :class:`~client.secure_release.BitWidthError`
-    (a fixed public reason) when the words could wrap: too narrow a width for
-    the run, or a weight above the declared per-site bound.
+    ``trained``: the tensors a plain reply would carry; ``received``: the
+    message's global tensors (each of ``trained`` must be among them);
+    ``weight``: the site's public nominal size. The scale comes from public
+    values only (:func:`update_scale`). Raises
+    :class:`~client.secure_release.BitWidthError` when the words could wrap
+    and :class:`SecureUpdateError` when a global tensor is missing (both
+    with fixed public reasons).
     """
     scale = update_scale(weight, secure)
-    words = weighted_words(arrays, weight, scale, rng or np.random.default_rng())
+    if any(name not in received for name in trained):
+        raise SecureUpdateError(NO_GLOBAL_TENSORS)
+    change = {name: np.asarray(trained[name], np.float64) - np.asarray(received[name], np.float64) for name in trained}
+    words = weighted_words(change, weight, scale, rng or np.random.default_rng())
     masked = np.asarray(secure.mask(to_modular(words, secure.bits)), dtype=np.int64)
-    return split_words(masked, update_layout(arrays))
+    return split_words(masked, update_layout(change))

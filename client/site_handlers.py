@@ -28,7 +28,7 @@ from client.feature_store import attach_feature_store
 from client.privacy_ledger import LedgerError
 from client.secure_release import BitWidthError, SecureRound
 from client.secure_stages import SecureStageError, mask_stage
-from client.secure_update import masked_update
+from client.secure_update import SecureUpdateError, check_global_tensors, masked_update
 from client.site_budget import SiteBusyError
 from client.site_policy import SitePolicy, check_proposal, site_policy
 from client.site_replies import INTERNAL_ERROR, internal_failure, refusal, site_record
@@ -85,11 +85,13 @@ def train(msg: Message, context: Context) -> Message:
         if not ncm:
             install_global(runtime, received)  # decoded; FFA: A from the seeded state
         secure = _secure_round(msg, context, runtime.config, policy, state, round_config)
+        if secure is not None and not ncm:  # the reply is the change from the received tensors
+            check_global_tensors(received)
         with strategy_freezing(runtime):  # FFA: lora_A frozen while training
             result = site_round(runtime, policy, state, round_config, run_id=context.run_id, secure=secure)
         if secure is not None and not ncm and result.status == "trained":  # the ledger holds the round already
-            result.release = masked_update(reply_arrays(runtime, received), result.weight, secure)
-    except (SecureStageError, BitWidthError) as err:  # a fixed public reason (client/secure_stages.py)
+            result.release = masked_update(reply_arrays(runtime, received), received, result.weight, secure)
+    except (SecureStageError, BitWidthError, SecureUpdateError) as err:  # fixed public reasons
         log(ERROR, "%s: %s", runtime.data.name, err)
         result = RoundResult("refused", str(err))
     except (ConfigError, LedgerError, SiteBusyError) as err:  # decided by settings and state, not records: may go

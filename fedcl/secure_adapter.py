@@ -1,19 +1,23 @@
 """The public parameters of an adapter update under secure aggregation, shared by the sites and the server.
 
-What a site masks in a probe or LoRA round of a secure run is its trained
-tensors ``theta`` (the same tensors a plain reply carries), weighted by its
-public nominal size ``w`` (the plain FedAvg weight): the words
-``round(S * w * theta)`` of every tensor, in sorted name order, followed by one
-word ``w``. The server unmasks the sum of the sites that finished and divides:
-``sum(w theta) / sum(w)``, the example-weighted FedAvg mean, without seeing a
-site's tensors or its weight.
+What a site masks in a probe or LoRA round of a secure run is the change of
+its trained tensors from the global ones it received, ``delta = theta -
+theta_global`` (the tensors a plain reply carries, less what the message
+brought), weighted by its public nominal size ``w`` (the plain FedAvg
+weight): the words ``round(S * w * delta)`` of every tensor, in sorted name
+order, followed by one word ``w``. The server unmasks the sum of the sites
+that finished and moves its global tensors by ``sum(w delta) / sum(w)``:
+the example-weighted FedAvg mean, without seeing a site's tensors or its
+weight. A tensor the round did not train (the LoRA factors in a probe round)
+has ``delta = 0`` exactly at every site, so it stays exactly as it was (and
+the sites' cached features of the adapter stay valid).
 
-- :data:`VALUE_BOUND` bounds every coordinate (a site clamps its tensors to it
-  first; its log says when it did, its reply does not);
+- :data:`VALUE_BOUND` bounds every coordinate of ``delta`` (a site clamps to
+  it first; its log says when it did, its reply does not);
 - :func:`adapter_scale` is the power of two ``S`` whose words of at most
   ``num-sites`` sites, each of at most ``max-train-examples`` records, never
   wrap in :data:`ADAPTER_BITS` bits;
-- rounding is randomised (unbiased), so the mean's error is at most ``1/S``
+- rounding is randomised (unbiased), so the mean's error is below ``1/S``
   per coordinate and zero on average.
 
 The DP noise of these rounds is each site's full local DP-SGD noise, as in a
@@ -32,7 +36,7 @@ import numpy as np
 from fedcl.secure_ncm import MAX_BITS, records_bound
 
 ADAPTER_BITS = MAX_BITS  # the widest words fedcl.secure_aggregation takes: the most precision for the update
-VALUE_BOUND = 64.0  # |coordinate| of an adapter or head tensor (LoRA factors, head weights are far below it)
+VALUE_BOUND = 64.0  # |change| of a coordinate in one round (LoRA factors and head weights move far less)
 MIN_SCALE_BITS = 12  # below 2**12 units per unit the rounding error of a small site's update would show
 UPDATE_WEIGHT = "update-weight"  # the word that carries the site's FedAvg weight (its public nominal size)
 
@@ -102,16 +106,25 @@ def join_words(words: Mapping[str, np.ndarray], layout: Sequence[tuple[str, tupl
     return np.concatenate([*parts, weight]).astype(np.int64)
 
 
-def weighted_mean(
-    total: np.ndarray, layout: Sequence[tuple[str, tuple[int, ...]]], scale: float
+def moved_by_weighted_mean(
+    current: Mapping[str, np.ndarray], total: np.ndarray, layout: Sequence[tuple[str, tuple[int, ...]]], scale: float
 ) -> dict[str, np.ndarray]:
-    """The sites' example-weighted mean tensors (float32) from the unmasked, centred integer sum ``total``.
+    """``current`` moved by the sites' example-weighted mean change, read from the unmasked, centred sum ``total``.
 
-    Raises ValueError when the weight word's sum is not positive (the sum
-    wrapped, or no site's weight is in it).
+    Every tensor of ``current`` is returned (float32); a tensor of the
+    layout changes by ``sum(w delta) / sum(w)``. Raises ValueError when the
+    weight word's sum is not positive (the sum wrapped, or holds no site's
+    weight), or when the layout names a tensor ``current`` lacks or shapes
+    one otherwise.
     """
     parts = split_words(np.asarray(total, dtype=np.int64), layout)
     weight = int(parts.pop(UPDATE_WEIGHT)[0])
     if weight <= 0:
         raise ValueError(f"the weights of the sites in the sum add up to {weight}: the sum is not a secure update sum")
-    return {name: (words.astype(np.float64) / (scale * weight)).astype(np.float32) for name, words in parts.items()}
+    moved = {name: np.asarray(value, dtype=np.float32) for name, value in current.items()}
+    for name, words in parts.items():
+        if name not in moved or moved[name].shape != words.shape:
+            raise ValueError(f"the sum changes {name!r}, which the global model lacks or shapes otherwise")
+        change = words.astype(np.float64) / (scale * weight)
+        moved[name] = (moved[name].astype(np.float64) + change).astype(np.float32)
+    return moved

@@ -35,6 +35,7 @@ from fedcl.run_config import ConfigError, RunConfig, parse_run_config
 from server.adapter_export import export_adapter
 from server.checkpoint import Checkpoint, open_resume, save_checkpoint, training_config
 from server.continual_run import ContinualRun
+from server.initial_arrays import initial_arrays
 from server.message_index import index_pending_messages
 from server.privacy_report import PrivacyWatch
 from server.progress import RunProgress, mean_accuracy, where_in_run
@@ -185,7 +186,7 @@ def run_federation(grid: Grid, config: RunConfig) -> Path:
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=to_record(checkpoint.arrays) if checkpoint else ArrayRecord(),  # fresh: the seeded adapter
+            initial_arrays=to_record(checkpoint.arrays if checkpoint else initial_arrays(config)),
             num_rounds=total_rounds,
             timeout=config.round_timeout,
             train_config=ConfigRecord(),  # the site derives its round from the run config and the server round

@@ -8,12 +8,13 @@ it asks its release object three things:
   have the same layout;
 - ``words(arrays, layout)``: the reply as one flat int64 vector, the input
   the protocol server sums;
-- ``decode(total, layout, survivors)``: the centred integer sum (already
-  unwrapped from ``2**bits``) as the update the aggregator takes.
+- ``decode(total, layout, survivors, current)``: the centred integer sum
+  (already unwrapped from ``2**bits``) as the update the aggregator takes
+  (``current``: the global arrays the round started from).
 
 :class:`ClassSumRelease` reads the ncm recipe's class sums
 (``fedcl/secure_ncm.py``); :class:`AdapterUpdateRelease` the probe and LoRA
-rounds' weighted tensors (``fedcl/secure_adapter.py``). numpy only.
+rounds' weighted changes (``fedcl/secure_adapter.py``). numpy only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedcl.protocol import CLASS_SUMS, MASKED_SUMS, NOISE_VARIANCE
-from fedcl.secure_adapter import UPDATE_WEIGHT, join_words, update_layout, weighted_mean
+from fedcl.secure_adapter import UPDATE_WEIGHT, join_words, moved_by_weighted_mean, update_layout
 from fedcl.secure_ncm import SCALE
 from fedcl.secure_quantization import dequantize
 
@@ -42,7 +43,13 @@ class SecureRelease(Protocol):
         """The reply as one flat int64 vector."""
         ...
 
-    def decode(self, total: np.ndarray, layout: Any, survivors: Mapping[int, Mapping[str, np.ndarray]]) -> Arrays:
+    def decode(
+        self,
+        total: np.ndarray,
+        layout: Any,
+        survivors: Mapping[int, Mapping[str, np.ndarray]],
+        current: Mapping[str, np.ndarray],
+    ) -> Arrays:
         """The update the aggregator takes, from the centred integer sum of the ``survivors``' words."""
         ...
 
@@ -65,9 +72,16 @@ class ClassSumRelease:
         return np.asarray(arrays[MASKED_SUMS], dtype=np.int64).reshape(-1)
 
     def decode(
-        self, total: np.ndarray, layout: tuple[int, ...], survivors: Mapping[int, Mapping[str, np.ndarray]]
+        self,
+        total: np.ndarray,
+        layout: tuple[int, ...],
+        survivors: Mapping[int, Mapping[str, np.ndarray]],
+        current: Mapping[str, np.ndarray],
     ) -> Arrays:
-        """The class sums (dequantised) and the survivors' summed noise variances, as one class-sum update."""
+        """The class sums (dequantised) and the survivors' summed noise variances, as one class-sum update.
+
+        ``current`` is not needed: the class-sum aggregator adds the update to it.
+        """
         sums = dequantize(np.asarray(total, dtype=np.int64), SCALE).reshape(layout)
         variance = np.sum(
             [np.asarray(arrays[NOISE_VARIANCE], dtype=np.float64) for arrays in survivors.values()], axis=0
@@ -76,7 +90,7 @@ class ClassSumRelease:
 
 
 class AdapterUpdateRelease:
-    """A probe or LoRA round's tensors: masked int64 words per tensor plus the weight word (``fedcl/secure_adapter.py``)."""
+    """A probe or LoRA round's changes: masked int64 words per tensor plus the weight word (``fedcl/secure_adapter.py``)."""
 
     def __init__(self, scale: float) -> None:
         """``scale``: ``fedcl.secure_adapter.adapter_scale`` of the run (the sites compute the same)."""
@@ -94,6 +108,12 @@ class AdapterUpdateRelease:
         """The tensors' words in layout order, then the weight word."""
         return join_words(arrays, layout)
 
-    def decode(self, total: np.ndarray, layout: tuple, survivors: Mapping[int, Mapping[str, np.ndarray]]) -> Arrays:
-        """The survivors' example-weighted mean tensors (the plain FedAvg mean, up to the rounding)."""
-        return weighted_mean(total, layout, self.scale)
+    def decode(
+        self,
+        total: np.ndarray,
+        layout: tuple,
+        survivors: Mapping[int, Mapping[str, np.ndarray]],
+        current: Mapping[str, np.ndarray],
+    ) -> Arrays:
+        """``current`` moved by the survivors' example-weighted mean change (the plain FedAvg mean, to the rounding)."""
+        return moved_by_weighted_mean(current, total, layout, self.scale)

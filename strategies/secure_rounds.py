@@ -173,14 +173,20 @@ class SecureRounds:
         return session
 
     def finish(
-        self, grid: Grid, server_round: int, releases: Mapping[int, Mapping[str, np.ndarray]], entries: Mapping
+        self,
+        grid: Grid,
+        server_round: int,
+        releases: Mapping[int, Mapping[str, np.ndarray]],
+        entries: Mapping,
+        current: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Stage 4: the update the sum of the sites whose ``releases`` arrived decodes to (:attr:`release`).
 
         ``releases``: node -> the arrays of its trained reply (the ncm
         release's ``masked-sums`` and ``noise-variance``, or a probe or LoRA
         round's masked words); a malformed one, or one of another layout
-        than the first, is left out. Raises :class:`SecureRoundError` when
+        than the first, is left out. ``current``: the global arrays the round
+        started from (a probe or LoRA round's sum moves them). Raises :class:`SecureRoundError` when
         fewer than ``max(t, n_h + c)`` sites are left, or the sum cannot be
         unmasked.
         """
@@ -210,7 +216,10 @@ class SecureRounds:
         try:
             total = server.unmask(replies)
             update = self.release.decode(
-                from_modular(total, server.bits), layout, {node: accepted[node] for node in server.survivors}
+                from_modular(total, server.bits),
+                layout,
+                {node: accepted[node] for node in server.survivors},
+                current or {},
             )
         except ValueError as err:
             raise SecureRoundError(f"the sum could not be unmasked ({len(replies)} share replies): {err}") from None

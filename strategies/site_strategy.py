@@ -386,7 +386,7 @@ class SiteStrategy(Strategy):
             raise ValueError("not a secure round: aggregate the updates one by one")
         releases = {int(reply.node): update.arrays for update, reply in pending if reply.node is not None}
         try:
-            total = self.secure.finish(self.grid, server_round, releases, self.round_config(server_round))
+            total = self.secure.finish(self.grid, server_round, releases, self.round_config(server_round), self.current)
         except SecureRoundError as err:
             self._fail(server_round, "training", records, f"secure aggregation: {err}")
             return None, None

@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 from secure_helpers import NODES, RecordingGrid, site_answers
-from site_helpers import forget_process_state
+from site_helpers import forget_process_state, virtual_site
 
 from client.privacy_ledger import PrivacyLedger
+from client.secure_update import NO_GLOBAL_TENSORS
 from fedcl.protocol import METRICS_RECORD, SECAGG_RECORD
 from fedcl.run_config import parse_run_config
 from fedcl.secure_adapter import UPDATE_WEIGHT, VALUE_BOUND, adapter_scale
+from server.initial_arrays import initial_arrays
 from simulations.run import pyproject_defaults
 
 NOMINAL = {NODES[0]: 20, NODES[1]: 40, NODES[2]: 60}  # unequal public sizes: the weights show in the mean
@@ -53,25 +55,36 @@ class Captured:
 
     def __init__(self, monkeypatch) -> None:
         import client.secure_update as secure_update
+        import client.site_handlers as site_handlers
 
         self.tensors: dict[int, dict[str, np.ndarray]] = {}
         self.words: dict[int, np.ndarray] = {}
         self.node = 0
-        real = secure_update.weighted_words
+        real_update, real_words = site_handlers.masked_update, secure_update.weighted_words
+
+        def masked_update(trained, received, weight, secure, rng=None):
+            self.tensors[self.node] = {name: np.array(a, dtype=np.float64) for name, a in trained.items()}
+            return real_update(trained, received, weight, secure, rng)
 
         def weighted_words(arrays, weight, scale, rng):
-            self.tensors[self.node] = {name: np.array(a, dtype=np.float64) for name, a in arrays.items()}
-            self.words[self.node] = real(arrays, weight, scale, rng)
+            self.words[self.node] = real_words(arrays, weight, scale, rng)
             return self.words[self.node]
 
+        monkeypatch.setattr(site_handlers, "masked_update", masked_update)
         monkeypatch.setattr(secure_update, "weighted_words", weighted_words)
 
 
-def run_rounds(flat, grid, rounds=(1,)):
-    """The run's own strategy (``server/strategy_setup.py``), driven through ``rounds`` (train only)."""
+def run_rounds(flat, grid, rounds=(1,), start=None):
+    """The run's own strategy (``server/strategy_setup.py``), driven through ``rounds`` (train only).
+
+    It starts from ``start``, by default what the ServerApp starts a fresh run from (``server/initial_arrays.py``).
+    """
+    from server.initial_arrays import initial_arrays
     from server.strategy_setup import build_strategy
 
-    strategy = build_strategy(parse_run_config(flat), lambda r: {})
+    config = parse_run_config(virtual_site(flat)[0])  # with the public label set, as the ServerApp receives it
+    strategy = build_strategy(config, lambda r: {})
+    strategy.current = dict(initial_arrays(config) if start is None else start)
     strategy.poll_seconds = 0.01
     for server_round in rounds:
         train = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
@@ -147,6 +160,10 @@ def test_the_server_unmasks_the_example_weighted_mean_of_the_sites_tensors_and_s
     assert set(strategy.current) == set(reference)
     for name, expected in reference.items():
         assert np.abs(strategy.current[name] - expected).max() <= 2.0 / scale + 1e-6 * np.abs(expected).max(), name
+    seeded = initial_arrays(parse_run_config(virtual_site(flat)[0]))
+    lora = [name for name in seeded if "lora_" in name]
+    assert lora and all(np.array_equal(strategy.current[name], seeded[name]) for name in lora)  # a probe round: exact
+    assert not all(np.array_equal(strategy.current[name], seeded[name]) for name in seeded)  # the head moved
     unweighted = {name: np.mean([captured.tensors[n][name] for n in NODES], axis=0) for name in reference}
     gap = max(np.abs(unweighted[name] - reference[name]).max() for name in reference)
     assert gap > 1e3 / scale  # the weights matter: the unweighted mean is far from the one the server holds
@@ -171,7 +188,23 @@ def test_a_site_lost_after_masking_leaves_the_weighted_mean_of_the_others_and_wi
     flat = flat_config(tiny_model_dir, **{"min-replies": 2})  # n_h = 3: two survivors are too few
     answers, _ = site_answers(flat, tmp_path / "three", drop_train=NODES[2])
     strategy = run_rounds(flat, RecordingGrid(answers))
-    assert "secure aggregation" in strategy.round_failures[1] and not strategy.current
+    assert "secure aggregation" in strategy.round_failures[1]
+    seeded = initial_arrays(parse_run_config(virtual_site(flat)[0]))
+    assert all(np.array_equal(strategy.current[name], seeded[name]) for name in seeded)  # the model stays as it was
+
+
+def test_a_site_whose_message_carries_no_global_tensors_refuses_before_it_spends(
+    tiny_model_dir, tmp_path, task_identity
+):
+    flat = flat_config(tiny_model_dir)
+    answers, _ = site_answers(flat, tmp_path)
+    strategy = run_rounds(flat, RecordingGrid(answers), start={})
+    assert "training" in strategy.round_failures[1] or "secure" in strategy.round_failures[1]
+    replies = strategy.train_replies[1]
+    assert {r.status for r in replies} == {"refused"} and all(NO_GLOBAL_TENSORS in r.reason for r in replies)
+    for i in range(3):
+        ledger = tmp_path / f"site-{i}" / "privacy_ledger.json"
+        assert not ledger.exists() or not PrivacyLedger.load(ledger).history
 
 
 def test_each_site_spends_exactly_what_the_plain_round_spends_its_full_local_noise(
