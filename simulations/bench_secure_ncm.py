@@ -4,7 +4,7 @@ The project's closed-form private head (the ``ncm`` recipe's class sums of ``[a 
 4c of ``simulations/bench_private_heads.py``: debiased cosine x kappa plus the log class prior) on the same
 scenarios and features as that benchmark (``clinc150-large-plain``: 3 IID sites, 1,500 train records each, all 150
 intents at once; ``clinc150-large``: the 5-experience stream; ``medquad``). Rows, each at epsilon 8 and delta 1e-5 per
-site (add/remove one record), the noise priced by the project's RDP filter:
+site (add/remove one record; ``--epsilon`` for another budget), the noise priced by the project's RDP filter:
 
 1. non-private (the same rule without noise);
 2. per-site noise (what ships: each site adds the whole Gaussian noise, the server sums n of them);
@@ -133,7 +133,9 @@ def secure_sum(vectors: dict[int, np.ndarray], bits: int) -> tuple[np.ndarray, d
     return total, {k: v / (n if k.startswith("site") else 1) for k, v in costs.items()}
 
 
-def secure_release(scenario: Scenario, a: float, b: float, n_honest: int, rng: np.random.Generator) -> dict[str, Any]:
+def secure_release(
+    scenario: Scenario, a: float, b: float, n_honest: int, rng: np.random.Generator, epsilon: float = EPSILON
+) -> dict[str, Any]:
     """Per experience, the server's dequantised sum of the sites' securely aggregated, distributed-noise releases."""
     from client.distributed_noise import discrete_gaussian_noise
     from fedcl.secure_quantization import (
@@ -150,7 +152,7 @@ def secure_release(scenario: Scenario, a: float, b: float, n_honest: int, rng: n
     parts, infos = [], []
     for e, classes in enumerate(scenario.experience_labels):
         coordinates = len(classes) * dim
-        local, multiplier = distributed_local_sigma(EPSILON, norm_bound, n_honest, coordinates)
+        local, multiplier = distributed_local_sigma(epsilon, norm_bound, n_honest, coordinates)
         records = sum(int((site.train_e == e).sum()) for site in scenario.sites)
         check_sum_fits(BITS, records * norm_bound, math.sqrt(len(scenario.sites)) * local, coordinates)
         words = {}
@@ -195,12 +197,12 @@ def plain_parts(scenario: Scenario, a: float, b: float, noise) -> list[np.ndarra
     return out
 
 
-def measure(scenario: Scenario, seeds: int) -> list[dict[str, Any]]:
-    """Every row on one scenario: mean, min and max accuracy over noise seeds."""
+def measure(scenario: Scenario, seeds: int, epsilon: float = EPSILON) -> list[dict[str, Any]]:
+    """Every row on one scenario at ``epsilon`` per site: mean, min and max accuracy over noise seeds."""
     b = COUNT_WEIGHT
     a = math.sqrt(1 - b * b)
     n = len(scenario.sites)
-    sigma = ledger_noise_multiplier(EPSILON)
+    sigma = ledger_noise_multiplier(epsilon)
     rows = []
 
     def row(name: str, make, private: bool = True) -> None:
@@ -215,6 +217,7 @@ def measure(scenario: Scenario, seeds: int) -> list[dict[str, Any]]:
         rows.append(
             {
                 "scenario": scenario.name,
+                "epsilon": epsilon,
                 "row": name,
                 "accuracy": float(np.mean(results)),
                 "accuracy_min": float(min(results)),
@@ -238,7 +241,7 @@ def measure(scenario: Scenario, seeds: int) -> list[dict[str, Any]]:
     for honest in (n, n - 1):
 
         def secure(rng: np.random.Generator, honest: int = honest):
-            out = secure_release(scenario, a, b, honest, rng)
+            out = secure_release(scenario, a, b, honest, rng, epsilon)
             return out["parts"], out["noise_sd"], out["info"]
 
         row(f"4 secure aggregation + distributed discrete Gaussian, min-honest {honest} of {n}", secure)
@@ -417,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", nargs="*", default=["clinc150-large-plain", "clinc150-large", "medquad"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epsilon", type=float, default=EPSILON, help="each site's budget for the accuracy rows")
     parser.add_argument("--sites", type=int, nargs="*", default=[3, 10, 30])
     parser.add_argument("--out", default="runs/bench_secure_ncm.json")
     parser.add_argument(
@@ -457,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for name in args.scenarios:
         print(f"bench_secure_ncm: {name}", flush=True)
-        rows += measure(load_scenario(name), args.seeds)
+        rows += measure(load_scenario(name), args.seeds, args.epsilon)
     print("bench_secure_ncm: protocol cost", flush=True)
     costs = protocol_costs(args.sites)
     out = Path(args.out)
