@@ -18,7 +18,7 @@ does not); the rounding is randomised with a fresh unseeded generator
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from logging import WARNING
 
 import numpy as np
@@ -29,6 +29,10 @@ from fedcl.secure_adapter import VALUE_BOUND, adapter_scale, split_words, update
 from fedcl.secure_ncm import records_bound
 from fedcl.secure_quantization import to_modular
 
+MISSING_GLOBAL_TENSORS = (
+    "the train message lacks tensors this site trains: under secure aggregation a site sends the change of each "
+    "trained tensor from the message's, so it takes no part (the server sends every tensor but FFA's frozen A)"
+)
 NO_GLOBAL_TENSORS = (
     "the train message carries no global tensors: under secure aggregation a site sends the change of its tensors "
     "from the message's, so it takes no part (the server of a secure run sends the seeded tensors from round 1)"
@@ -46,15 +50,22 @@ class SecureUpdateError(ValueError):
 def weighted_words(arrays: Mapping[str, np.ndarray], weight: int, scale: float, rng: np.random.Generator) -> np.ndarray:
     """The unmasked int64 words: ``round(scale * weight * x)`` per coordinate (sorted names), then ``weight``.
 
-    ``x`` (the change of each tensor) is clamped to ``[-VALUE_BOUND, VALUE_BOUND]``; the rounding is
+    ``x`` (the change of each tensor) is clamped to ``[-VALUE_BOUND, VALUE_BOUND]`` (a NaN becomes 0); the rounding is
     randomised: ``floor(x) + Bernoulli(x - floor(x))``, so its mean is ``x``.
     """
     layout = update_layout(arrays)
     flat = np.concatenate([np.asarray(arrays[name], dtype=np.float64).reshape(-1) for name, _ in layout])
-    clamped = np.clip(flat, -VALUE_BOUND, VALUE_BOUND)
-    outside = int(np.count_nonzero(clamped != flat))
-    if outside:  # the site's own log only: the count is derived from its update
-        log(WARNING, "fedcl: secure aggregation: %d coordinates clamped to +-%g before masking", outside, VALUE_BOUND)
+    undefined = np.isnan(flat)
+    clamped = np.clip(np.where(undefined, 0.0, flat), -VALUE_BOUND, VALUE_BOUND)  # a NaN has no integer: sent as 0
+    outside = int(np.count_nonzero(clamped != flat) - np.count_nonzero(undefined))
+    if outside or undefined.any():  # the site's own log only: the counts are derived from its update
+        log(
+            WARNING,
+            "fedcl: secure aggregation: %d coordinates clamped to +-%g and %d NaN sent as 0 before masking",
+            outside,
+            VALUE_BOUND,
+            int(undefined.sum()),
+        )
     scaled = clamped * (float(scale) * int(weight))
     low = np.floor(scaled)
     words = low.astype(np.int64) + (rng.random(len(scaled)) < scaled - low)
@@ -75,13 +86,17 @@ def update_scale(weight: int, secure: SecureRound) -> float:
         raise BitWidthError(BITS_TOO_NARROW) from None
 
 
-def check_global_tensors(received: Mapping[str, np.ndarray]) -> None:
-    """Raise :class:`SecureUpdateError` (fixed public reason) when the message carried no global tensors.
+def check_global_tensors(received: Mapping[str, np.ndarray], trained: Iterable[str]) -> None:
+    """Raise :class:`SecureUpdateError` (fixed public reason) unless the message carried every ``trained`` tensor.
 
-    Run it before training: the reply is the change from the received tensors.
+    ``trained``: the names the reply will carry (public: the model and the
+    strategy). Run it before training: the reply is the change from the
+    received tensors.
     """
     if not received:
         raise SecureUpdateError(NO_GLOBAL_TENSORS)
+    if any(name not in received for name in trained):
+        raise SecureUpdateError(MISSING_GLOBAL_TENSORS)
 
 
 def masked_update(
@@ -102,8 +117,7 @@ def masked_update(
     with fixed public reasons).
     """
     scale = update_scale(weight, secure)
-    if any(name not in received for name in trained):
-        raise SecureUpdateError(NO_GLOBAL_TENSORS)
+    check_global_tensors(received, trained)  # checked before training too: this guard should never fire
     change = {name: np.asarray(trained[name], np.float64) - np.asarray(received[name], np.float64) for name in trained}
     words = weighted_words(change, weight, scale, rng or np.random.default_rng())
     masked = np.asarray(secure.mask(to_modular(words, secure.bits)), dtype=np.int64)

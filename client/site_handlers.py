@@ -35,7 +35,7 @@ from client.site_replies import INTERNAL_ERROR, internal_failure, refusal, site_
 from client.site_round import RoundResult, site_round
 from client.site_runtime import SiteRuntime, site_runtime
 from client.site_state import SiteState, open_state
-from client.update_codec import install_global, received_arrays, reply_arrays, strategy_freezing
+from client.update_codec import install_global, received_arrays, reply_arrays, reply_names, strategy_freezing
 from fedcl.model_factory import configure_torch_threads
 from fedcl.protocol import (
     ARRAYS_RECORD,
@@ -86,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
             install_global(runtime, received)  # decoded; FFA: A from the seeded state
         secure = _secure_round(msg, context, runtime.config, policy, state, round_config)
         if secure is not None and not ncm:  # the reply is the change from the received tensors
-            check_global_tensors(received)
+            check_global_tensors(received, reply_names(runtime, received))
         with strategy_freezing(runtime):  # FFA: lora_A frozen while training
             result = site_round(runtime, policy, state, round_config, run_id=context.run_id, secure=secure)
         if secure is not None and not ncm and result.status == "trained":  # the ledger holds the round already

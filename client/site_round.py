@@ -324,6 +324,11 @@ def _run(
     if secure is not None:  # no per-site size beside a secure sum: the server sees the sum only
         del facts["num-examples"]
     clip = config.max_grad_norm if policy.dp else UNBOUNDED_CLIP
+    if phase != NCM and secure is not None:
+        try:  # public values only: refused before anything is calibrated, computed or spent
+            update_scale(plan.nominal, secure)
+        except BitWidthError as err:
+            return RoundResult("refused", str(err), facts)
     if policy.dp:
         segments, fixed = plan.remaining(experience, within, pending is not None)
         try:
@@ -351,11 +356,6 @@ def _run(
         except BitWidthError as err:
             return RoundResult("refused", str(err), facts)
         main = distributed.mechanism
-    if phase != NCM and secure is not None:
-        try:  # public values only: refused before anything is computed or spent
-            update_scale(plan.nominal, secure)
-        except BitWidthError as err:
-            return RoundResult("refused", str(err), facts)
     note = plan.full_batch_note(phase, experience) if policy.dp else ""
     if note:  # once per process: the site's own log, never the reply
         runtime.data.note_once(note)

@@ -57,6 +57,14 @@ class SecureRoundError(ValueError):
     """A secure round that cannot complete (too few sites left at some stage); the text says which and why."""
 
 
+@dataclass(frozen=True)
+class SecureSum:
+    """What a finished round gives the strategy: the decoded update and the releases left out of the sum."""
+
+    update: dict[str, np.ndarray]
+    left_out: dict[int, str]  # node -> why its masked release is not in the sum
+
+
 @dataclass
 class SecureSession:
     """One round's protocol server and what became of each site before the train messages."""
@@ -179,8 +187,9 @@ class SecureRounds:
         releases: Mapping[int, Mapping[str, np.ndarray]],
         entries: Mapping,
         current: Mapping[str, np.ndarray] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Stage 4: the update the sum of the sites whose ``releases`` arrived decodes to (:attr:`release`).
+    ) -> SecureSum:
+        """Stage 4: the update the sum of the sites whose ``releases`` arrived decodes to (:attr:`release`), and who
+        was left out.
 
         ``releases``: node -> the arrays of its trained reply (the ncm
         release's ``masked-sums`` and ``noise-variance``, or a probe or LoRA
@@ -193,7 +202,7 @@ class SecureRounds:
         session = self.sessions.pop(server_round, None)
         if session is None or session.server is None:
             raise SecureRoundError(session.failure if session else "the round's key stages did not run")
-        server, layout, accepted = session.server, None, {}
+        server, layout, accepted, left_out = session.server, None, {}, {}
         for node, arrays in sorted(releases.items()):
             try:
                 found = self.release.layout(arrays)
@@ -202,6 +211,7 @@ class SecureRounds:
                 server.add_masked_vector(node, self.release.words(arrays, found))
             except ValueError as err:
                 log(WARNING, "round %s: secure aggregation: node %s's release left out: %s", server_round, node, err)
+                left_out[node] = f"its masked release was left out of the secure sum: {err}"
                 continue
             layout, accepted[node] = found, arrays
         needed = self.required(server)
@@ -224,7 +234,7 @@ class SecureRounds:
         except ValueError as err:
             raise SecureRoundError(f"the sum could not be unmasked ({len(replies)} share replies): {err}") from None
         log(INFO, "round %s: secure aggregation: the sum of %d sites unmasked", server_round, len(server.survivors))
-        return update
+        return SecureSum(update, left_out)
 
     def count_bytes(self, server_round: int, node: int, down: int = 0, up: int = 0) -> None:
         """Add a protocol record's bytes (ConfigRecord.count_bytes: keys, shares, requests) to ``node``'s tally."""

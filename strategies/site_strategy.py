@@ -390,10 +390,20 @@ class SiteStrategy(Strategy):
         except SecureRoundError as err:
             self._fail(server_round, "training", records, f"secure aggregation: {err}")
             return None, None
-        self.current = self.aggregator.aggregate(self.current, [SiteUpdate("secure-sum", total, 1)])
-        self.round_diagnostics[server_round] = {"rejected": 0}
+        for _, reply in pending:
+            if reply.node in total.left_out:
+                _reject(server_round, reply, total.left_out[reply.node])
+        self.current = self.aggregator.aggregate(self.current, [SiteUpdate("secure-sum", total.update, 1)])
+        if getattr(self.aggregator, "last_rejections", []):  # the validator refused the decoded sum itself
+            log(WARNING, "round %s: the secure sum was rejected; the global adapter stays as it was", server_round)
+            self._roll_back()
+            return None, None
+        rejected = len(total.left_out)
+        self.round_diagnostics[server_round] = {"rejected": rejected}
         self.updated_rounds.add(server_round)
-        return to_record(self.current), MetricRecord({"sites-trained": len(pending), "sites-rejected": 0})
+        return to_record(self.current), MetricRecord(
+            {"sites-trained": len(pending) - rejected, "sites-rejected": rejected}
+        )
 
     def _apply_checks(
         self, server_round: int, pending: list[tuple[SiteUpdate, SiteReply]]

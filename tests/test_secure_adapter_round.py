@@ -252,3 +252,48 @@ def test_the_scale_leaves_no_room_to_wrap_by_hand():
     assert 3 * 60 * (VALUE_BOUND * 2.0**47 + 1) + 3 * 60 < 2**61
     with pytest.raises(ValueError, match="declare max-train-examples"):
         adapter_scale(10_000, 0)  # 10**9 records assumed per site: too little precision left
+
+
+def test_a_malformed_release_is_left_out_of_the_sum_and_its_reply_marked_rejected(
+    tiny_model_dir, tmp_path, task_identity, monkeypatch
+):
+    flat = flat_config(tiny_model_dir, **{"secagg-min-honest": 2, "min-replies": 2})
+    forget_process_state()
+    captured = Captured(monkeypatch)
+    answers, _ = site_answers(flat, tmp_path, captured, per_site=per_site_nominal())
+    honest = answers[NODES[2]]
+
+    def without_weight(message):  # the site's words arrive without their weight word: malformed
+        reply = honest(message)
+        if reply is not None and reply.content.array_records:
+            del reply.content.array_records["arrays"][UPDATE_WEIGHT]
+        return reply
+
+    answers[NODES[2]] = without_weight
+    strategy = run_rounds(flat, RecordingGrid(answers))
+    assert 1 not in strategy.round_failures, strategy.round_failures
+    status = {r.node: r.status for r in strategy.train_replies[1]}
+    assert status == {NODES[0]: "trained", NODES[1]: "trained", NODES[2]: "rejected"}
+    reference = weighted_reference(captured, NODES[:2])
+    scale = adapter_scale(3, 60)
+    for name, expected in reference.items():
+        assert np.abs(strategy.current[name] - expected).max() <= 2.0 / scale + 1e-6 * np.abs(expected).max(), name
+
+
+def test_a_weight_above_the_declared_bound_and_a_missing_tensor_are_refused_with_fixed_reasons():
+    from client.secure_release import BitWidthError, SecureRound
+    from client.secure_update import (
+        MISSING_GLOBAL_TENSORS,
+        WEIGHT_TOO_LARGE,
+        SecureUpdateError,
+        check_global_tensors,
+        update_scale,
+    )
+
+    secure = SecureRound(3, 3, 60, 62, lambda words: words)
+    assert update_scale(60, secure) == adapter_scale(3, 60)
+    with pytest.raises(BitWidthError, match=WEIGHT_TOO_LARGE[:40]):
+        update_scale(61, secure)  # a nominal size above max-train-examples could wrap the sum
+    with pytest.raises(SecureUpdateError, match=MISSING_GLOBAL_TENSORS[:40]):
+        check_global_tensors({"a": np.zeros(2)}, ["a", "b"])
+    check_global_tensors({"a": np.zeros(2), "b": np.zeros(1)}, ["a", "b"])  # every trained tensor came: no error
