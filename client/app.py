@@ -47,9 +47,10 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run this site's round on its private training records (or decline, with the reason)."""
-    # Imported here: a fresh process per message in deployment, and the secure stages must not pay for torch.
-    from client import site_handlers
-
+    try:  # imported here: a fresh process per message in deployment, and the secure stages must not pay for torch
+        from client import site_handlers
+    except Exception:  # a broken install: the fixed reason, the traceback in the site's log
+        return internal_failure(msg, context, "round")
     return site_handlers.train(msg, context)
 
 
@@ -104,7 +105,8 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's own test split (allow-listed keys only)."""
-    # Imported here: a fresh process per message in deployment, and the secure stages must not pay for torch.
-    from client import site_handlers
-
+    try:  # imported here, as in train
+        from client import site_handlers
+    except Exception:
+        return internal_failure(msg, context, "evaluation")
     return site_handlers.evaluate_global(msg, context)
