@@ -179,15 +179,23 @@ def server_view(record: RunRecord) -> str:
     if str(record.config.get("secure-aggregation", False)).lower() == "true":
         honest = record.config.get("secagg-min-honest", 0)
         colluders = record.config.get("secagg-max-colluders", 0)
+        trust = (
+            f"secagg-min-honest = {honest or 'every site'} sites honest and at most secagg-max-colluders = "
+            f"{colluders} sites colluding with the server (a sum was unmasked only with at least both together "
+            "surviving)"
+        )
+        if recipe_of(record) == "ncm":
+            return (
+                "The server saw only the sum of the sites' class sums (secure aggregation); each site added a share "
+                f"of the noise, counted as if only {trust}."
+            )
         return (
-            "The server saw only the sum of the sites' class sums (secure aggregation); each site added a share of "
-            f"the noise, counted as if only secagg-min-honest = {honest or 'every site'} sites were honest, with at "
-            f"most secagg-max-colluders = {colluders} sites colluding with the server (a sum was unmasked only with "
-            "at least both together surviving)."
+            "The server saw only the weighted sum of the sites' probe and LoRA updates (secure aggregation), "
+            f"assuming {trust}; each site's DP-SGD noise is its own, the same as without secure aggregation."
         )
     return (
-        "The server sees each site's own noised update (secure aggregation, where it sees only their sum, covers "
-        "the ncm recipe's class sums when a run asks for it)."
+        "The server sees each site's own noised update (secure aggregation, where it sees only their sum, is "
+        "available with secure-aggregation = true)."
     )
 
 

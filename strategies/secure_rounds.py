@@ -27,6 +27,7 @@ torch).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -113,6 +114,7 @@ class SecureRounds:
         self.sessions: dict[int, SecureSession] = {}
         self.release: SecureRelease = release or ClassSumRelease()
         self.exchanged: dict[int, dict[int, list[int]]] = {}  # round -> node -> [bytes down, bytes up] (protocol)
+        self.waited: dict[int, float] = {}  # round -> seconds spent waiting for the sites' stage answers
 
     @property
     def survivors_needed(self) -> int:
@@ -274,7 +276,10 @@ class SecureRounds:
                 )
             )
         answers: dict[int, dict] = {}
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+        started = time.perf_counter()
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        self.waited[server_round] = self.waited.get(server_round, 0.0) + time.perf_counter() - started
+        for reply in replies:
             node = int(reply.metadata.src_node_id)
             if reply.has_error() or not reply.has_content():
                 reason = reply.error.reason if reply.has_error() else "an empty reply"

@@ -248,7 +248,11 @@ class SiteStrategy(Strategy):
         entries = {**dict(config), **self.round_config(server_round)}
         if self.secure is None:
             return self._messages(server_round, "train", nodes, entries)
-        session = self.secure.open(grid, server_round, nodes, entries)  # stages 1 and 2, before any release
+        waited = self.secure.waited.get(server_round, 0.0)
+        with self._server_work(server_round):  # stages 1 and 2, before any release: the server's work, not the waits
+            session = self.secure.open(grid, server_round, nodes, entries)
+        key_waits = self.secure.waited.get(server_round, 0.0) - waited
+        self.server_seconds[server_round] = self.server_seconds.get(server_round, 0.0) - key_waits
         self.secure_dropped[server_round] = dict(session.dropped)
         messages = self._messages(server_round, "train", sorted(session.requests), entries)
         for message in messages:  # each step-2 site's own mask request rides in its train message
@@ -385,11 +389,15 @@ class SiteStrategy(Strategy):
         if self.secure is None:
             raise ValueError("not a secure round: aggregate the updates one by one")
         releases = {int(reply.node): update.arrays for update, reply in pending if reply.node is not None}
+        waited = self.secure.waited.get(server_round, 0.0)
         try:
             total = self.secure.finish(self.grid, server_round, releases, self.round_config(server_round), self.current)
         except SecureRoundError as err:
             self._fail(server_round, "training", records, f"secure aggregation: {err}")
             return None, None
+        finally:  # the unmask answers' wait is the sites' time, not the server's own work
+            unmask_wait = self.secure.waited.get(server_round, 0.0) - waited
+            self.server_seconds[server_round] = self.server_seconds.get(server_round, 0.0) - unmask_wait
         for _, reply in pending:
             if reply.node in total.left_out:
                 _reject(server_round, reply, total.left_out[reply.node])

@@ -196,5 +196,7 @@ def test_the_report_says_what_the_server_saw_and_under_which_trust_assumption(tm
     secure_config = {"dp": True, "secure-aggregation": True, "secagg-min-honest": 3, "secagg-max-colluders": 1}
     secure = read_run(write_run(tmp_path / "secure", rows, secure_config))
     text = server_view(secure)
-    assert "saw only the sum" in text
+    assert "saw only the weighted sum" in text and "noise is its own" in text  # recipe auto here: BBC's probe
     assert "secagg-min-honest = 3" in text and "secagg-max-colluders = 1" in text
+    ncm = read_run(write_run(tmp_path / "ncm", rows, {**secure_config, "recipe": "ncm"}))
+    assert "sum of the sites' class sums" in server_view(ncm) and "share of the noise" in server_view(ncm)
