@@ -22,18 +22,15 @@ from fedcl.pilot.poc import LocalFederation, PocPlan
 from fedcl.pilot.processes import ProcessGroup
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_three_authenticated_sites_release_their_class_sums_through_secure_aggregation_over_tls(
-    tmp_path: Path,
-) -> None:
+def run_pilot(tmp_path: Path, run_config: str):
+    """A TLS pilot of 3 authenticated sites of 40 records each runs ``run_config``; (its result, its progress text)."""
     data = write_site_csvs(tmp_path / "data", sites=3, per_site=40)
     out = io.StringIO()
     plan = PocPlan(
         sites=3,
         data=data,
         workdir=tmp_path / "pilot",
-        run_config=f"recipe='ncm' max-length=32 secure-aggregation=true labels='{','.join(LABELS)}'",
+        run_config=f"{run_config} max-length=32 secure-aggregation=true labels='{','.join(LABELS)}'",
         timeout=300,
     )
     with ProcessGroup() as group:
@@ -41,7 +38,16 @@ def test_three_authenticated_sites_release_their_class_sums_through_secure_aggre
         federation.start()
         result = federation.wait(federation.submit())
     assert result.outcome.completed, out.getvalue()
-    assert "TLS, SuperNode authentication" in out.getvalue()
+    return result, out.getvalue()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_three_authenticated_sites_release_their_class_sums_through_secure_aggregation_over_tls(
+    tmp_path: Path,
+) -> None:
+    result, progress = run_pilot(tmp_path, "recipe='ncm'")
+    assert "TLS, SuperNode authentication" in progress
     log = "\n".join(line for _, line in result.outcome.log)
     assert "secure aggregation: 3 sites shared keys" in log
     assert "secure aggregation: the sum of 3 sites unmasked" in log
@@ -65,23 +71,7 @@ def test_three_authenticated_sites_mask_their_lora_updates_over_tls(tmp_path: Pa
 
     One round keeps the suite short: a probe round masks its update through the same code (``client/secure_update.py``).
     """
-    data = write_site_csvs(tmp_path / "data", sites=3, per_site=40)
-    out = io.StringIO()
-    plan = PocPlan(
-        sites=3,
-        data=data,
-        workdir=tmp_path / "pilot",
-        run_config=(
-            "recipe='lora' num-rounds=1 local-steps=2 batch-size=8 max-length=32 secure-aggregation=true "
-            f"labels='{','.join(LABELS)}'"
-        ),
-        timeout=300,
-    )
-    with ProcessGroup() as group:
-        federation = LocalFederation(plan, group, out)
-        federation.start()
-        result = federation.wait(federation.submit())
-    assert result.outcome.completed, out.getvalue()
+    result, _ = run_pilot(tmp_path, "recipe='lora' num-rounds=1 local-steps=2 batch-size=8")
     log = "\n".join(line for _, line in result.outcome.log)
     assert log.count("secure aggregation: the sum of 3 sites unmasked") == 1
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
