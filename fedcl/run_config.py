@@ -391,9 +391,9 @@ def _check_secure_aggregation(config: RunConfig) -> None:
         (
             "strategy",
             config.strategy,
-            config.chosen_recipe != "ncm" and config.strategy != "fedavg",
-            "sums the sites' tensors, which is FedAvg's mean (with any server-optimizer); exact needs each site's "
-            'factors and ffa the server\'s copy of the seeded A: use strategy = "fedavg", or secure-aggregation = false',
+            config.chosen_recipe != "ncm" and config.strategy == "exact",
+            "sums the sites' tensor changes, which gives FedAvg's or FFA's mean (with any server-optimizer), not "
+            'exact\'s product of each site\'s factors: use strategy = "fedavg" or "ffa", or secure-aggregation = false',
         ),
         (
             "dp",

@@ -297,3 +297,26 @@ def test_a_weight_above_the_declared_bound_and_a_missing_tensor_are_refused_with
     with pytest.raises(SecureUpdateError, match=MISSING_GLOBAL_TENSORS[:40]):
         check_global_tensors({"a": np.zeros(2)}, ["a", "b"])
     check_global_tensors({"a": np.zeros(2), "b": np.zeros(1)}, ["a", "b"])  # every trained tensor came: no error
+
+
+def test_ffa_masks_b_and_the_head_only_and_a_stays_the_seeded_one(tiny_model_dir, tmp_path, task_identity, monkeypatch):
+    flat = flat_config(tiny_model_dir, strategy="ffa")
+    forget_process_state()
+    captured = Captured(monkeypatch)
+    answers, _ = site_answers(flat, tmp_path, captured, per_site=per_site_nominal())
+    grid = RecordingGrid(answers)
+    strategy = run_rounds(flat, grid, rounds=(1, 2))  # a probe round, then a LoRA round (B trains)
+    assert not strategy.round_failures, strategy.round_failures
+    seeded = initial_arrays(parse_run_config(virtual_site(flat)[0]))
+    frozen = [name for name in seeded if "lora_A" in name]
+    assert frozen and all(np.array_equal(strategy.current[name], seeded[name]) for name in frozen)
+    for reply in grid.received:  # A never travels back: only B and the head are masked
+        for record in reply.content.array_records.values():
+            assert not any("lora_A" in name for name in record)
+    reference = weighted_reference(captured, NODES)  # round 2's B and head, what plain FFA replies would carry
+    assert not any("lora_A" in name for name in reference)
+    scale = adapter_scale(3, 60)
+    for name, expected in reference.items():
+        assert np.abs(strategy.current[name] - expected).max() <= 2.0 / scale + 1e-6 * np.abs(expected).max(), name
+    lora_b = [name for name in reference if "lora_B" in name]
+    assert lora_b and any(np.abs(strategy.current[name]).max() > 0 for name in lora_b)  # B trained from zero
