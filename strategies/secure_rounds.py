@@ -114,7 +114,7 @@ class SecureRounds:
         self.sessions: dict[int, SecureSession] = {}
         self.release: SecureRelease = release or ClassSumRelease()
         self.exchanged: dict[int, dict[int, list[int]]] = {}  # round -> node -> [bytes down, bytes up] (protocol)
-        self.waited: dict[int, float] = {}  # round -> seconds spent waiting for the sites' stage answers
+        self.waited_seconds = 0.0  # spent waiting for the sites' stage answers, all rounds (the server's clock)
 
     @property
     def survivors_needed(self) -> int:
@@ -278,7 +278,7 @@ class SecureRounds:
         answers: dict[int, dict] = {}
         started = time.perf_counter()
         replies = grid.send_and_receive(messages, timeout=self.timeout)
-        self.waited[server_round] = self.waited.get(server_round, 0.0) + time.perf_counter() - started
+        self.waited_seconds += time.perf_counter() - started
         for reply in replies:
             node = int(reply.metadata.src_node_id)
             if reply.has_error() or not reply.has_content():

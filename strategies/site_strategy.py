@@ -248,11 +248,8 @@ class SiteStrategy(Strategy):
         entries = {**dict(config), **self.round_config(server_round)}
         if self.secure is None:
             return self._messages(server_round, "train", nodes, entries)
-        waited = self.secure.waited.get(server_round, 0.0)
-        with self._server_work(server_round):  # stages 1 and 2, before any release: the server's work, not the waits
+        with self._server_work(server_round):  # stages 1 and 2, before any release
             session = self.secure.open(grid, server_round, nodes, entries)
-        key_waits = self.secure.waited.get(server_round, 0.0) - waited
-        self.server_seconds[server_round] = self.server_seconds.get(server_round, 0.0) - key_waits
         self.secure_dropped[server_round] = dict(session.dropped)
         messages = self._messages(server_round, "train", sorted(session.requests), entries)
         for message in messages:  # each step-2 site's own mask request rides in its train message
@@ -283,13 +280,20 @@ class SiteStrategy(Strategy):
 
     @contextmanager
     def _server_work(self, server_round: int) -> Iterator[None]:
-        """Add the time the block takes to ``server_seconds[server_round]`` (the run's round number)."""
-        started = time.perf_counter()
+        """Add the time the block takes to ``server_seconds[server_round]`` (the run's round number).
+
+        Waits for the sites' secure-aggregation stage answers inside the block
+        are the sites' time, not the server's own work: they are left out.
+        """
+        started, waited = time.perf_counter(), self._secure_waits()
         try:
             yield
         finally:
-            spent = time.perf_counter() - started
+            spent = time.perf_counter() - started - (self._secure_waits() - waited)
             self.server_seconds[server_round] = self.server_seconds.get(server_round, 0.0) + spent
+
+    def _secure_waits(self) -> float:
+        return self.secure.waited_seconds if self.secure is not None else 0.0
 
     def _messages(self, server_round: int, kind: str, nodes: list[int], entries: dict[str, Any]) -> list[Message]:
         with self._server_work(server_round):
@@ -389,15 +393,11 @@ class SiteStrategy(Strategy):
         if self.secure is None:
             raise ValueError("not a secure round: aggregate the updates one by one")
         releases = {int(reply.node): update.arrays for update, reply in pending if reply.node is not None}
-        waited = self.secure.waited.get(server_round, 0.0)
         try:
             total = self.secure.finish(self.grid, server_round, releases, self.round_config(server_round), self.current)
         except SecureRoundError as err:
             self._fail(server_round, "training", records, f"secure aggregation: {err}")
             return None, None
-        finally:  # the unmask answers' wait is the sites' time, not the server's own work
-            unmask_wait = self.secure.waited.get(server_round, 0.0) - waited
-            self.server_seconds[server_round] = self.server_seconds.get(server_round, 0.0) - unmask_wait
         for _, reply in pending:
             if reply.node in total.left_out:
                 _reject(server_round, reply, total.left_out[reply.node])
